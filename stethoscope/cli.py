@@ -1,0 +1,126 @@
+"""The ``stethoscope`` command line (also ``python -m stethoscope``).
+
+Heavy imports (torch, transformers, matplotlib) happen inside the commands so ``--help`` stays fast.
+Errors we raise on purpose are printed as one readable line with exit code 2, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stethoscope.console import get_console
+from stethoscope.errors import StethoscopeError
+
+app = typer.Typer(
+    help="Diagnose PyTorch and Hugging Face training: what is wrong, where, and what usually fixes it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_LEVELS = {"info": 0, "warning": 1, "critical": 2}
+
+
+@app.command()
+def demo(
+    steps: Annotated[int | None, typer.Option(help="training steps (default: the demo's own)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: stethoscope-runs/demo-<time>)")] = None,
+    pathology: Annotated[str, typer.Option(help="inject a problem: none, dead-relu, exploding, vanishing, "
+                                                "nan, unused-param")] = "none",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary output")] = False,
+) -> None:
+    """Train the built-in tiny transformer on the bundled corpus with the monitor on."""
+    from stethoscope.demo.runner import run_demo
+
+    kwargs = {"out": out, "pathology": pathology, "seed": seed, "quiet": quiet}
+    if steps is not None:
+        if steps < 1:
+            raise StethoscopeError(f"--steps must be at least 1, got {steps}")
+        kwargs["steps"] = steps
+    run_demo(**kwargs)
+
+
+@app.command()
+def findings(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by the monitor")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the folded findings as JSON")] = False,
+    fail_on: Annotated[str | None, typer.Option(help="exit 1 when a finding reaches this level: "
+                                                     "warning or critical")] = None,
+) -> None:
+    """List the findings of a run, most severe first; --fail-on sets the exit code for CI."""
+    from stethoscope.report import findings_table
+    from stethoscope.run import load_run
+
+    if fail_on is not None and fail_on not in ("warning", "critical"):
+        raise StethoscopeError(f"--fail-on must be 'warning' or 'critical', got {fail_on!r}")
+    run = load_run(run_dir)
+    if as_json:
+        out = {"run_dir": str(run.path), "status": run.status, "verdict": run.verdict,
+               "findings": [f.as_dict() for f in run.findings]}
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+    else:
+        console = get_console()
+        verdict = run.verdict
+        console.print(f"verdict: {verdict['status']} ({verdict['counts']['critical']} critical, "
+                      f"{verdict['counts']['warning']} warning, {verdict['counts']['info']} info)")
+        if run.findings:
+            console.print(findings_table(run))
+        else:
+            console.print("no findings")
+    if fail_on is not None:
+        level = _LEVELS[fail_on]
+        if any(_LEVELS.get(f.severity, 0) >= level for f in run.findings):
+            raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by the monitor")],
+) -> None:
+    """Write report.md for a run directory."""
+    from stethoscope.report import write_report
+
+    path = write_report(run_dir)
+    get_console().print(f"report: {path}")
+
+
+def _mount_optional() -> None:
+    """Sub-commands that live in their own packages."""
+    try:
+        from stethoscope.probe.cli import app as probe_app
+    except ImportError:
+        return
+    app.add_typer(probe_app, name="probe")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    """Entry point: run the app and turn our own errors into a clean message and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except StethoscopeError as err:
+        get_console().print(f"[bold red]error:[/] {err}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Gathers one sampled step's device-side rows and brings them to the host in one transfer per device.
+
+Hooks add raw statistic rows (still on the device) as they fire; nothing is read back until
+:meth:`StepCollector.fetch`, which concatenates each device's rows and copies them with a single
+``.cpu()``. Repeated calls of one module in a step are merged exactly on the host (Chan's parallel
+variance for the spread; a per-feature max kept on the device for dead features).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from stethoscope.stats import _IDX, RAW_WIDTH, Stats, finalize
+
+
+@dataclass
+class Entry:
+    """One row waiting for the host: where it came from and how to read it."""
+
+    kind: str  # act | grad | update | scalar | ...
+    name: str
+    output: str = ""  # path inside a structured output ("" for a bare tensor)
+    call: int = 0  # call index of the module within the step
+    count: int = 0  # elements in the tensor (host-known)
+    features: int = 0  # last-dimension size when dead features were counted
+    width: int = RAW_WIDTH
+    device: torch.device | None = None
+    offset: int = 0  # into the device's concatenated buffer, set by fetch()
+    extra: dict = field(default_factory=dict)
+
+
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """The one device-to-host copy of a step (a no-op view for CPU tensors)."""
+    return t.detach().cpu().numpy()
+
+
+class StepCollector:
+    """Pending rows of the current sampled step."""
+
+    def __init__(self, eps: float):
+        self.eps = eps
+        self.entries: list[Entry] = []
+        self._rows: list[torch.Tensor] = []
+        self._features: dict[tuple, torch.Tensor] = {}  # (kind, name, output) -> running (C,) max |x|
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: Entry, row: torch.Tensor) -> None:
+        """Queue a 1-D device row (float32)."""
+        entry.width = int(row.numel())
+        entry.device = row.device
+        self.entries.append(entry)
+        self._rows.append(row.reshape(-1).to(torch.float32))
+
+    def add_feature_absmax(self, key: tuple, per_feature: torch.Tensor) -> None:
+        """Merge a call's per-feature max |x| into the step's running max for ``key``."""
+        prev = self._features.get(key)
+        if prev is None or prev.shape != per_feature.shape or prev.device != per_feature.device:
+            self._features[key] = per_feature
+        else:
+            self._features[key] = torch.maximum(prev, per_feature)
+
+    def fetch(self) -> tuple[list[Entry], list[np.ndarray], dict[tuple, float]]:
+        """Copy every queued row to the host: one ``cat`` and one ``.cpu()`` per device.
+
+        Returns the entries, their host rows in the same order, and the dead-feature count of each
+        merged feature key.
+        """
+        feature_keys = list(self._features)
+        dead_rows = [torch.le(self._features[k], self.eps).sum().to(torch.float32) for k in feature_keys]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, entry in enumerate(self.entries):
+            by_device.setdefault(entry.device, []).append(i)
+        dead_device = {}
+        for j, k in enumerate(feature_keys):
+            dead_device.setdefault(self._features[k].device, []).append(j)
+        host_rows: list[np.ndarray | None] = [None] * len(self.entries)
+        dead: dict[tuple, float] = {}
+        for device in set(by_device) | set(dead_device):
+            idx = by_device.get(device, [])
+            didx = dead_device.get(device, [])
+            parts = [self._rows[i] for i in idx] + [dead_rows[j].reshape(1) for j in didx]
+            if not parts:
+                continue
+            host = to_host(torch.cat(parts))
+            pos = 0
+            for i in idx:
+                w = self.entries[i].width
+                host_rows[i] = host[pos : pos + w]
+                pos += w
+            for j in didx:
+                dead[feature_keys[j]] = float(host[pos])
+                pos += 1
+        entries = self.entries
+        self.entries, self._rows, self._features = [], [], {}
+        return entries, host_rows, dead
+
+
+def merge_stats(parts: list[tuple[np.ndarray, int]], features: int, dead: float | None) -> Stats:
+    """Merge raw rows of several calls (each with its element count) into one :class:`Stats`."""
+    if len(parts) == 1 and dead is None:
+        raw, count = parts[0]
+        return finalize(raw, count, features)
+    total_n = 0
+    finite_n = 0
+    nonfinite = 0.0
+    sums = []
+    merged = np.full(RAW_WIDTH, math.nan)
+    zero = sat = 0.0
+    lo = hi = amax = math.nan
+    for raw, count in parts:
+        total_n += count
+        nf = float(raw[_IDX["nonfinite"]]) if count else 0.0
+        nonfinite += nf
+        fn = count - nf
+        if fn <= 0:
+            continue
+        finite_n += fn
+        sums.append((fn, float(raw[_IDX["sum"]]), float(raw[_IDX["m2"]])))
+        zero += float(raw[_IDX["zero"]])
+        sat += float(raw[_IDX["saturated"]])
+        lo = np.fmin(lo, raw[_IDX["min"]])
+        hi = np.fmax(hi, raw[_IDX["max"]])
+        amax = np.fmax(amax, raw[_IDX["absmax"]])
+    merged[_IDX["nonfinite"]] = nonfinite
+    if finite_n > 0:
+        mean = sum(s for _, s, _ in sums) / finite_n
+        m2 = sum(m + n * (s / n - mean) ** 2 for n, s, m in sums)
+        merged[_IDX["sum"]] = mean * finite_n
+        merged[_IDX["m2"]] = m2
+        merged[_IDX["min"]], merged[_IDX["max"]], merged[_IDX["absmax"]] = lo, hi, amax
+        merged[_IDX["zero"]], merged[_IDX["saturated"]] = zero, sat
+    if dead is not None:
+        merged[_IDX["dead"]] = dead
+    return finalize(merged, total_n, features)

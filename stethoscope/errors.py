@@ -1,0 +1,53 @@
+"""Every error stethoscope raises on purpose, in one place.
+
+Messages name the bad input and say what to do about it (rich's ``errors.py`` is the model).
+All of them derive from :class:`StethoscopeError`, so ``except StethoscopeError`` catches ours only.
+"""
+
+from __future__ import annotations
+
+
+class StethoscopeError(Exception):
+    """Base class of every error stethoscope raises deliberately."""
+
+
+class ConfigError(StethoscopeError, ValueError):
+    """A configuration file, dict or value is invalid: names the key, where it is, and the fix."""
+
+
+class RunDirError(StethoscopeError, OSError):
+    """The run directory cannot be used: not writable, not empty without ``resume=True``, or unreadable."""
+
+
+class MonitorClosedError(StethoscopeError, RuntimeError):
+    """A monitor method that records something was called after ``close()``."""
+
+
+class MonitorUsageError(StethoscopeError, RuntimeError):
+    """The monitor was driven in an order it cannot make sense of (e.g. nested ``step()`` blocks)."""
+
+
+class CriticalFindingError(StethoscopeError, RuntimeError):
+    """Raised when ``stop_on: critical`` is set and a critical finding opens.
+
+    Attributes:
+        finding: the finding (a dict with the findings.jsonl fields) that stopped the run.
+    """
+
+    def __init__(self, finding: dict):
+        self.finding = finding
+        super().__init__(
+            f"critical finding {finding.get('code')} on {finding.get('target')!r} at step "
+            f"{finding.get('step')}: {finding.get('message')} (stop_on: critical is set; "
+            f"hint: {finding.get('hint')})"
+        )
+
+
+class MissingDependencyError(StethoscopeError, ImportError):
+    """An optional dependency is not installed; the message gives the ``pip install`` line."""
+
+    def __init__(self, package: str, extra: str, purpose: str):
+        super().__init__(
+            f"{purpose} needs the optional package {package!r}, which is not installed. "
+            f"Install it with: pip install 'stethoscope[{extra}]'"
+        )

@@ -1,0 +1,68 @@
+"""What one flushed step looks like on the host: the input every rule reads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from stethoscope.stats import Stats
+
+
+@dataclass
+class ActRecord:
+    """Statistics of one module output (all calls of the step merged, unless ``stats.per_call``)."""
+
+    name: str
+    output: str  # path inside a structured output, "" for a bare tensor
+    calls: int
+    stats: Stats
+    call: int | None = None  # the call index when stats.per_call is on
+
+
+@dataclass
+class GradRecord:
+    name: str
+    stats: Stats
+
+
+@dataclass
+class UpdateRecord:
+    name: str
+    update_norm: float
+    weight_norm: float
+    ratio: float  # ‖Δw‖ / ‖w‖
+
+
+@dataclass
+class StepRecord:
+    """One step as the rules see it. Unsampled steps carry only scalars."""
+
+    step: int | None
+    sampled: bool
+    epoch: int | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+    acts: dict[tuple, ActRecord] = field(default_factory=dict)  # (name, output, call) -> record
+    inputs: dict[tuple, ActRecord] = field(default_factory=dict)  # inputs of linear layers
+    grads: dict[str, GradRecord] = field(default_factory=dict)
+    missing_grads: list[str] = field(default_factory=list)
+    updates: dict[str, UpdateRecord] = field(default_factory=dict)
+    # Every module call in finish order (post-hook order: a child before its parent):
+    # (name, output path, call index, non-finite count, inputs were finite)
+    act_calls: list[tuple[str, str, int, float, bool]] = field(default_factory=list)
+
+    @property
+    def grad_norm(self) -> float:
+        """Global L2 norm over the finite entries of every read gradient."""
+        total = 0.0
+        for rec in self.grads.values():
+            n = rec.stats.norm
+            if n == n:
+                total += n * n
+        return math.sqrt(total)
+
+    def nonfinite_origin(self) -> tuple[str, str, int] | None:
+        """The first module call to finish with a non-finite output while its inputs were finite."""
+        for name, output, call, nonfinite, inputs_finite in self.act_calls:
+            if nonfinite > 0 and inputs_finite:
+                return name, output, call
+        return None

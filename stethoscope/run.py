@@ -1,0 +1,171 @@
+"""Reading a run directory back: ``st.load_run(path)``.
+
+Findings are folded from their open/update/close events into one row per ``id`` (first step, worst value,
+cleared step); metrics come as pandas DataFrames. A torn last line (the writer was killed) is skipped.
+A distributed run (``rank0/``, ``rank1/``, ... under the folder) is read as one run with a ``rank`` column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stethoscope import rundir as rd
+from stethoscope.errors import RunDirError
+from stethoscope.findings import SEVERITY_RANK
+
+
+@dataclass
+class Finding:
+    """One finding folded from its events."""
+
+    id: str
+    code: str
+    severity: str  # the worst severity it reached
+    target: str | None
+    first_step: int | None
+    last_step: int | None
+    cleared_step: int | None  # None while still open at the end of the run
+    value: Any  # the latest value reported
+    worst_value: Any
+    threshold: Any
+    message: str
+    hint: str
+    rank: int | None
+    events: int
+    data: dict = field(default_factory=dict)
+
+    @property
+    def open(self) -> bool:
+        return self.cleared_step is None
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"open": self.open}
+
+
+def fold_findings(events: list[dict]) -> list[Finding]:
+    """One :class:`Finding` per id, most severe first, then by first step."""
+    folded: dict[str, Finding] = {}
+    for ev in events:
+        fid = ev.get("id")
+        if not fid:
+            continue
+        kind = ev.get("event")
+        f = folded.get(fid)
+        if f is None:
+            f = Finding(
+                id=fid, code=ev.get("code", "?"), severity=ev.get("severity", "info"),
+                target=ev.get("target"), first_step=ev.get("step"), last_step=ev.get("step"),
+                cleared_step=None, value=ev.get("value"), worst_value=ev.get("value"),
+                threshold=ev.get("threshold"), message=ev.get("message", ""), hint=ev.get("hint", ""),
+                rank=ev.get("rank"), events=0, data=dict(ev.get("data") or {}),
+            )
+            folded[fid] = f
+        f.events += 1
+        if ev.get("step") is not None:
+            f.last_step = ev.get("step")
+        if kind == "close":
+            f.cleared_step = ev.get("step") if ev.get("step") is not None else f.last_step
+            continue
+        if kind == "open" and f.events > 1:
+            f.cleared_step = None  # re-opened after clearing
+        sev = ev.get("severity", "info")
+        if SEVERITY_RANK.get(sev, 0) > SEVERITY_RANK.get(f.severity, 0):
+            f.severity = sev
+        f.value = ev.get("value")
+        if kind == "update" or f.worst_value is None:
+            f.worst_value = ev.get("value")
+        f.threshold = ev.get("threshold", f.threshold)
+        f.message = ev.get("message", f.message)
+        f.hint = ev.get("hint", f.hint)
+        if ev.get("data"):
+            f.data.update(ev["data"])
+    return sorted(
+        folded.values(),
+        key=lambda f: (-SEVERITY_RANK.get(f.severity, 0), f.first_step if f.first_step is not None else -1, f.id),
+    )
+
+
+class Run:
+    """A run directory read back. Attributes: ``path``, ``meta``, ``findings``, ``events``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise RunDirError(f"no run directory at {str(self.path)!r}")
+        self.rank_dirs = sorted(
+            (p for p in self.path.glob("rank*") if p.is_dir() and p.name[4:].isdigit()),
+            key=lambda p: int(p.name[4:]),
+        )
+        dirs = [self.path] if (self.path / rd.META).is_file() or not self.rank_dirs else self.rank_dirs
+        if not any((d / rd.META).is_file() or (d / rd.METRICS).is_file() for d in dirs):
+            raise RunDirError(
+                f"{str(self.path)!r} is not a stethoscope run directory (no meta.json or metrics.jsonl); "
+                "pass the folder given as run_dir"
+            )
+        self._dirs = dirs
+        self.metas = [rd.read_json(d / rd.META) or {} for d in dirs]
+        self.meta: dict = self.metas[0] if self.metas else {}
+        self.events: list[dict] = [ev for d in dirs for ev in rd.read_jsonl(d / rd.FINDINGS)]
+        self.findings: list[Finding] = fold_findings(self.events)
+        self._metrics: pd.DataFrame | None = None
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """Every metrics row (all kinds) as one DataFrame; statistic columns are NaN where not applicable."""
+        if self._metrics is None:
+            frames = []
+            for d, meta in zip(self._dirs, self.metas, strict=True):
+                rows = list(rd.read_jsonl(d / rd.METRICS))
+                if not rows:
+                    continue
+                frame = pd.DataFrame.from_records(rows)
+                if len(self._dirs) > 1:
+                    frame["rank"] = meta.get("rank", int(d.name[4:]) if d.name[4:].isdigit() else None)
+                frames.append(frame)
+            self._metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+                columns=["schema_version", "step", "kind", "name"])
+        return self._metrics
+
+    def metrics_of(self, kind: str) -> pd.DataFrame:
+        """Rows of one kind (act, input, grad, update, scalar, attn, memory, marker), empty columns dropped."""
+        df = self.metrics
+        if "kind" not in df:
+            return df.iloc[0:0]
+        return df[df["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
+
+    def scalars(self) -> pd.DataFrame:
+        """Logged scalars as a wide frame: one row per step, one column per name (loss, grad_norm, ...)."""
+        df = self.metrics_of("scalar")
+        if df.empty:
+            return pd.DataFrame()
+        df = df.assign(value=pd.to_numeric(df["value"], errors="coerce"))
+        return df.pivot_table(index="step", columns="name", values="value", aggfunc="last").sort_index()
+
+    @property
+    def verdict(self) -> dict:
+        """healthy / warning / critical, from the findings (worst severity reached) with counts."""
+        counts = {"info": 0, "warning": 0, "critical": 0}
+        for f in self.findings:
+            counts[f.severity] = counts.get(f.severity, 0) + 1
+        status = "critical" if counts["critical"] else "warning" if counts["warning"] else "healthy"
+        return {"status": status, "counts": counts}
+
+    @property
+    def status(self) -> str:
+        return self.meta.get("status", "unknown")
+
+    def findings_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([f.as_dict() for f in self.findings])
+
+    def __repr__(self) -> str:
+        return (f"Run({str(self.path)!r}, status={self.status!r}, findings={len(self.findings)}, "
+                f"verdict={self.verdict['status']!r})")
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run directory: ``run.findings`` (folded), ``run.metrics`` / ``run.scalars()`` (DataFrames)."""
+    return Run(path)
