@@ -7,6 +7,7 @@ validated through :func:`validate_config`, so a mistyped key anywhere reads the 
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,11 +19,29 @@ from stethoscope.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
+# Where the data being validated came from (a file name), for StrictRootModel's error messages.
+_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("stethoscope_config_source", default=None)
+
 
 class StrictModel(BaseModel):
     """Forbids unknown keys and re-validates on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StrictRootModel(StrictModel):
+    """A top-level config: built in Python (``Config(sampling={"evry": 3})``) it raises the same
+    :class:`ConfigError` with a did-you-mean as a YAML file or dict would.
+
+    Only for models that are never nested: pydantic runs a custom ``__init__`` for nested models too.
+    """
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            source = _SOURCE.get() or f"{type(self).__name__}(...)"
+            raise ConfigError(format_validation_error(type(self), err, source)) from None
 
 
 def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
@@ -53,9 +72,10 @@ def _first_model(annotation: Any) -> type[BaseModel] | None:
 
 def format_validation_error(model: type[BaseModel], err: ValidationError, source: str) -> str:
     """One line per problem: the dotted key, where it came from, what is wrong, and the closest valid key."""
-    lines = []
+    lines: list[str] = []
+    merged: dict[str, int] = {}  # one line per key: a union's per-member errors are joined
     for item in err.errors():
-        loc = tuple(item.get("loc", ()))
+        loc = _field_loc(model, tuple(item.get("loc", ())))
         dotted = ".".join(str(p) for p in loc) or "<root>"
         if item.get("type") == "extra_forbidden":
             owner = _model_at(model, loc[:-1])
@@ -68,8 +88,30 @@ def format_validation_error(model: type[BaseModel], err: ValidationError, source
             shown = repr(given)
             if len(shown) > 80:
                 shown = shown[:77] + "..."
+            if dotted in merged:
+                lines[merged[dotted]] = lines[merged[dotted]].replace("; got ", f", or {item.get('msg')}; got ", 1)
+                continue
+            merged[dotted] = len(lines)
             lines.append(f"invalid value for {dotted!r} (in {source}): {item.get('msg')}; got {shown}")
     return "\n".join(lines)
+
+
+def _field_loc(model: type[BaseModel], loc: tuple) -> tuple:
+    """``loc`` cut after the last real field (pydantic appends union members such as ``list[str]``)."""
+    current: Any = model
+    kept: list = []
+    for part in loc:
+        if isinstance(part, int):
+            kept.append(part)
+            continue
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            if current is model or fields is not None:
+                kept.append(part)  # an unknown key: keep it, the caller names it
+            break
+        kept.append(part)
+        current = _first_model(fields[part].annotation)
+    return tuple(kept)
 
 
 def validate_config(model: type[M], data: Any, source: str = "config") -> M:
@@ -83,10 +125,18 @@ def validate_config(model: type[M], data: Any, source: str = "config") -> M:
             f"the configuration in {source} must be a mapping of sections to options, "
             f"got {type(data).__name__}"
         )
+    token = _SOURCE.set(source)
     try:
+        if issubclass(model, StrictRootModel):
+            bad = [k for k in data if not isinstance(k, str)]
+            if bad:
+                raise ConfigError(f"configuration keys must be names (strings), got {bad[0]!r} in {source}")
+            return model(**data)  # its __init__ formats the error (model_validate would re-wrap it)
         return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(model, err, source)) from None
+    finally:
+        _SOURCE.reset(token)
 
 
 def read_yaml(path: str | Path) -> Any:

@@ -102,24 +102,37 @@ def _mount_optional() -> None:
 _mount_optional()
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """ClickException from click and from the copy typer may bundle (typer >= 0.29 ships its own)."""
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 def main() -> None:
     """Entry point: run the app and turn our own errors into a clean message and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # without standalone mode click *returns* typer.Exit's code
     except StethoscopeError as err:
-        get_console().print(f"[bold red]error:[/] {err}")
+        from rich.markup import escape  # paths like runs/[exp1] are text, not markup
+
+        get_console().print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)  # one line
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, _click_exceptions()):  # usage errors: a message, not a traceback
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    if isinstance(code, int) and code:  # e.g. --fail-on
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class StepCollector:
         self.entries: list[Entry] = []
         self._rows: list[torch.Tensor] = []
         self._features: dict[tuple, torch.Tensor] = {}  # (kind, name, output) -> running (C,) max |x|
+        self._mismatched: set[tuple] = set()  # keys whose calls had different feature widths
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -59,9 +60,15 @@ class StepCollector:
 
     def add_feature_absmax(self, key: tuple, per_feature: torch.Tensor) -> None:
         """Merge a call's per-feature max |x| into the step's running max for ``key``."""
+        if key in self._mismatched:
+            return
         prev = self._features.get(key)
-        if prev is None or prev.shape != per_feature.shape or prev.device != per_feature.device:
+        if prev is None:
             self._features[key] = per_feature
+        elif prev.shape != per_feature.shape or prev.device != per_feature.device:
+            # calls with different feature widths cannot be merged: the dead count is unknown (NaN)
+            del self._features[key]
+            self._mismatched.add(key)
         else:
             self._features[key] = torch.maximum(prev, per_feature)
 
@@ -97,7 +104,7 @@ class StepCollector:
                 dead[feature_keys[j]] = float(host[pos])
                 pos += 1
         entries = self.entries
-        self.entries, self._rows, self._features = [], [], {}
+        self.entries, self._rows, self._features, self._mismatched = [], [], {}, set()
         return entries, host_rows, dead
 
 

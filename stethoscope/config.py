@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from stethoscope._strict import StrictModel, read_yaml, validate_config
+from stethoscope._strict import StrictModel, StrictRootModel, read_yaml, validate_config
 from stethoscope.errors import ConfigError
 
 
@@ -52,12 +52,35 @@ class StatsConfig(StrictModel):
 
 
 class ThresholdOverride(StrictModel):
-    """A per-name-pattern threshold for one rule; the last matching entry wins."""
+    """A per-name-pattern threshold for one rule; the last matching entry wins (docs/rules.md)."""
 
-    pattern: str
-    rule: str
-    warning: float | None = None
-    critical: float | None = None
+    pattern: str = Field(description="glob over the finding's target (or any dotted ancestor of it)")
+    rule: str = Field(description="a threshold key (a finding code, or e.g. update.ratio.low) or a glob of keys")
+    warning: float | None = Field(None, description="warning level; omitted = inherited; .inf = off")
+    critical: float | None = Field(None, description="critical level; omitted = inherited; .inf = off")
+
+    @field_validator("rule")
+    @classmethod
+    def _known_rule(cls, value: str) -> str:
+        from stethoscope.rules.thresholds import check_rule_name
+
+        return check_rule_name(value)
+
+
+class RulesConfig(StrictModel):
+    """Which health rules run and how much history they keep (see docs/rules.md)."""
+
+    enabled: str | list[str] = Field("*", description="finding-code patterns of the rules to run; '' = none")
+    disabled: str | list[str] = Field("", description="finding-code patterns of rules not to run")
+    window: int = Field(20, ge=4, description="sampled steps of history for baselines and trends")
+    smoothing: int = Field(3, ge=1, description="sampled steps averaged before a threshold comparison")
+    min_history: int = Field(5, ge=3, description="sampled steps a trend needs before it is judged")
+    min_rows: int = Field(16, ge=1, description="rows (batch x positions) needed to call a feature dead")
+    max_open: int = Field(8, ge=1, description="most findings one rule keeps open at once (worst first)")
+    explain_normal: bool = Field(False, description="info findings for known-normal zeros and ratios")
+    saturation_modules: str | list[str] = Field(
+        "auto", description="'auto' = projections feeding a saturating activation; else module patterns"
+    )
 
 
 class WatchdogConfig(StrictModel):
@@ -102,12 +125,13 @@ class StorageConfig(StrictModel):
     )
 
 
-class Config(StrictModel):
+class Config(StrictRootModel):
     """The whole monitor configuration. ``Config()`` is the documented default."""
 
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     thresholds: list[ThresholdOverride] = Field(default_factory=list)
+    rules: RulesConfig = Field(default_factory=RulesConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)

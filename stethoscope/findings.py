@@ -80,6 +80,7 @@ class FindingLog:
             "severity": f.severity,
             "target": f.target,
             "value": value,
+            "worst_value": f.worst_value,
             "threshold": f.threshold,
             "message": f.message,
             "hint": f.hint,

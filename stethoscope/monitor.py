@@ -55,9 +55,15 @@ from stethoscope.heartbeat import Heartbeat
 from stethoscope.naming import clean_name, make_filter
 from stethoscope.record import ActRecord, GradRecord, StepRecord, UpdateRecord
 from stethoscope.sampling import Schedule, SpikeDetector, schedule_from_config
-from stethoscope.stats import RAW_WIDTH, tensor_stats
+from stethoscope.stats import RAW_WIDTH, Scratch, tensor_stats
 
 _LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "LazyLinear", "Bilinear")
+
+
+def _is_compiling() -> bool:
+    """True while torch.compile traces (hooks then return at once, so they add no graph breaks)."""
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
 
 
 def _disabled_by_env() -> bool:
@@ -154,6 +160,7 @@ class Monitor:
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
         self.heartbeat = Heartbeat()
         self._collector = StepCollector(cfg.stats.eps)
+        self._scratch = Scratch()  # work buffers reused by every statistic (3 x 16 MiB per device at most)
         self._metrics = rd.JsonlWriter(self.run_dir / rd.METRICS)
         self._findings_writer = rd.JsonlWriter(self.run_dir / rd.FINDINGS)
         self.findings = FindingLog(self._findings_writer, rank=self.rank, on_open=self._on_finding_open)
@@ -169,8 +176,10 @@ class Monitor:
         self._sampled = False
         self._sampling_now = False  # inside a sampled step and not paused: hooks compute statistics
         self._grads_read = False
+        self._grad_marks: list = []  # per watched parameter: (weakref to its grad, version) at step start
+        self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
         self._calls: dict[str, int] = {}
-        self._dedup: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._dedup: dict[tuple, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor | None]]] = {}
         self._missing: list[str] = []
         self._update_snapshot: list[tuple[torch.device, list[str], list[torch.Tensor], list]] = []
         self._pending: dict | None = None  # the last step's record, waiting for its flush
@@ -199,21 +208,25 @@ class Monitor:
         self._attach_modules(model)
         if optimizer is not None:
             self._attach_optimizer(optimizer)
+        from stethoscope.rules import default_rules
+
+        self._rules = default_rules(self)  # before the state is loaded, so resumed rules get theirs
         if self._resumed:
             state = rd.read_json(self.run_dir / rd.STATE)
             if state:
                 self.load_state_dict(state)
         self._write_meta("running")
-        from stethoscope.rules import default_rules
-
-        self._rules = default_rules(self)
 
     # ------------------------------------------------------------------ attaching
     def _attach_modules(self, model: nn.Module) -> None:
         cfg = self.config.stats
         stat_filter = make_filter(patterns(cfg.modules))
+        seen: set[str] = set()
         for raw_name, module in model.named_modules():
             name = clean_name(raw_name)
+            if name in seen:  # a wrapper's inner module (``module``, ``_orig_mod``): the outer one is hooked
+                continue
+            seen.add(name)
             wants_stats = stat_filter(name) if name else stat_filter("")
             is_linear = type(module).__name__ in _LINEAR_TYPES or isinstance(module, nn.Linear)
             self._handles.append(module.register_forward_pre_hook(
@@ -229,7 +242,10 @@ class Monitor:
 
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
             mon = monitor_ref()
-            if mon is not None and mon._sampled and not mon._grads_read and mon._step is not None:
+            # Only a zero_grad after this step's backward: one at the top of the loop would read last
+            # step's gradients (or none) and hide the real ones from the optimizer pre-hook.
+            if (mon is not None and mon._sampled and not mon._grads_read and mon._step is not None
+                    and mon._grads_changed()):
                 mon._guard("zero_grad", mon._read_grads)
             return original(*args, **kwargs)
 
@@ -241,6 +257,8 @@ class Monitor:
         ref = weakref.ref(self)
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if _is_compiling():  # inside a torch.compile'd region: stay out of the graph
+                return None
             hb.enter(name)
             mon = ref()
             if mon is None or not mon._sampling_now or not wants_stats:
@@ -256,6 +274,8 @@ class Monitor:
         ref = weakref.ref(self)
 
         def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if _is_compiling():
+                return None
             hb.exit(name)
             mon = ref()
             if mon is None or not mon._sampling_now or not wants_stats:
@@ -282,30 +302,31 @@ class Monitor:
             return
         self._errors_seen.add(where)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=6))
-        try:
+        with contextlib.suppress(Exception):  # the findings file itself failed
             self.findings.report(
                 "monitor.error", where, "warning", None, None,
                 f"stethoscope's own code raised {type(exc).__name__}: {exc} (in {where}); "
                 "training continues without that measurement",
-                "please report this with the traceback in `data.traceback`; set the module's pattern "
-                "out of stats.modules to silence it",
+                "this is a stethoscope bug, not a problem in your model: please report it with the "
+                "traceback in this finding's `data.traceback`. To skip a module meanwhile, leave it out of "
+                "stats.modules (a list of patterns or a predicate)",
                 self._step, data={"traceback": tb, "exception": type(exc).__name__},
             )
-        except Exception:  # pragma: no cover - the findings file itself failed
-            pass
 
     def _stats_row(self, t: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = _tensor_key(t)
         cached = self._dedup.get(key)
-        if cached is not None:
-            return cached
+        # a dead tensor's memory may have been reused; a row cached without features cannot serve one with
+        if cached is not None and cached[0]() is not None and (not features or cached[1][1] is not None):
+            return cached[1]
         cfg = self.config.stats
         feats: list[torch.Tensor] = []
         with torch.autocast(t.device.type, enabled=False) if t.device.type in ("cuda", "cpu") else \
                 contextlib.nullcontext():
-            row = tensor_stats(t, cfg.eps, cfg.saturation, features=features, feature_absmax=feats)
+            row = tensor_stats(t, cfg.eps, cfg.saturation, features=features, feature_absmax=feats,
+                               scratch=self._scratch)
         result = (row, feats[0] if feats else None)
-        self._dedup[key] = result
+        self._dedup[key] = (weakref.ref(t), result)
         return result
 
     def _on_inputs(self, name: str, args: tuple, kwargs: dict, is_linear: bool) -> None:
@@ -318,10 +339,13 @@ class Monitor:
         self._input_flags[name] = (~torch.isfinite(sums)).any().to(torch.float32).reshape(1)
         if is_linear:
             x = tensors[0]
-            row, _ = self._stats_row(x, features=False)
+            features = x.dim() >= 2
+            row, per_feature = self._stats_row(x, features=features)
             self._collector.add(
                 Entry("input", name, "", self._calls.get(name, 0), x.numel(),
-                      x.shape[-1] if x.dim() >= 2 else 0), row)
+                      x.shape[-1] if features else 0), row)
+            if per_feature is not None and not self.config.stats.per_call:
+                self._collector.add_feature_absmax(("input", name, ""), per_feature)
 
     def _on_output(self, name: str, output: Any) -> None:
         call = self._calls.get(name, 0)
@@ -349,7 +373,10 @@ class Monitor:
             from torch.amp.grad_scaler import OptState
 
             states = scaler._per_optimizer_states
-            if opt is not None and states[id(opt)]["stage"] is not OptState.READY:
+            if states is not self._scaler_states:
+                return None  # scaler.update() ran in this step (it resets the states): already unscaled
+            state = states.get(id(opt)) if opt is not None else None
+            if state is not None and state["stage"] is not OptState.READY:
                 return None  # already unscaled (or stepped)
             scale = scaler._scale
         except Exception:
@@ -357,6 +384,18 @@ class Monitor:
         if scale is None:
             return None
         return scale.double().reciprocal().float()
+
+    def _grad_marks_now(self) -> list:
+        """Which gradient tensor each watched parameter holds now, and its version (no host sync)."""
+        return [None if (g := p.grad) is None else (weakref.ref(g), g._version) for _, p in self._grad_params]
+
+    def _grads_changed(self) -> bool:
+        """True when a backward pass has written a gradient since the step began."""
+        for (_, p), mark in zip(self._grad_params, self._grad_marks, strict=False):
+            g = p.grad
+            if g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version):
+                return True
+        return False
 
     def _read_grads(self) -> None:
         if self._grads_read:
@@ -375,7 +414,7 @@ class Monitor:
                 g = g.float() * inv.to(g.device)
             with torch.autocast(g.device.type, enabled=False) if g.device.type in ("cuda", "cpu") else \
                     contextlib.nullcontext():
-                row = tensor_stats(g, cfg.eps, cfg.saturation)
+                row = tensor_stats(g, cfg.eps, cfg.saturation, scratch=self._scratch)
             self._collector.add(Entry("grad", name, "", 0, g.numel()), row)
 
     def _optimizer_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -451,6 +490,9 @@ class Monitor:
         if self._anomaly_left > 0:
             self._anomaly_left -= 1
         self._grads_read = False
+        self._grad_marks = self._grad_marks_now() if self._sampled else []
+        scaler = self._scaler_ref() if self._scaler_ref is not None else None
+        self._scaler_states = getattr(scaler, "_per_optimizer_states", None)
         self._calls = {}
         self._dedup = {}
         self._input_flags: dict[str, torch.Tensor | None] = {}
@@ -472,7 +514,10 @@ class Monitor:
             self._pending = {"step": step, "sampled": self._sampled, "missing": list(self._missing)}
             self._dedup = {}
             if failed is not None and not isinstance(failed, GeneratorExit):
-                self._write_meta("crashed", error=f"{type(failed).__name__}: {failed}")
+                self._crash_error = f"{type(failed).__name__}: {failed}"
+                self._write_meta("crashed", error=self._crash_error)
+            else:
+                self._crash_error = None  # a later step went through: the run did not end there
         finally:
             self._last_step = step
             self._step = None
@@ -510,6 +555,8 @@ class Monitor:
         """Mark the start of epoch ``n`` (memory and loss plots show the boundary)."""
         if self.disabled:
             return
+        if self._closed:
+            raise MonitorClosedError("Monitor.epoch() was called after close()")
         self._epoch = int(n)
         step = self._step if self._step is not None else self._last_step
         self._metrics.write({"schema_version": rd.SCHEMA_VERSION, "step": step, "kind": "marker",
@@ -533,6 +580,18 @@ class Monitor:
             hb.stamp = time.monotonic()
 
     # ------------------------------------------------------------------ flushing a step's record
+    def flush(self) -> None:
+        """Write the finished step's record now instead of at the next step boundary.
+
+        Normally unnecessary (the next ``step()`` or ``close()`` flushes); useful before reading the run
+        directory from another process, or to time a step together with its statistics.
+        """
+        if self.disabled or self._closed:
+            return
+        if self._step is not None:
+            raise MonitorUsageError("flush() inside a step: call it after the `with mon.step(...)` block")
+        self._flush()
+
     def _flush(self) -> None:
         """Bring the pending step's rows and scalars to the host, write them, run the rules."""
         pending, self._pending = self._pending, None
@@ -597,7 +656,7 @@ class Monitor:
             group = act_groups[key]
             first = group[0][0]
             parts = [(row[:RAW_WIDTH], e.count) for e, row in group]
-            dead_count = None if per_call else dead.get(("act", name, output))
+            dead_count = None if per_call else dead.get((kind, name, output))
             st = merge_stats(parts, first.features, dead_count)
             rec = ActRecord(name, output, len(group), st, call if per_call else None)
             (record.acts if kind == "act" else record.inputs)[(name, output, rec.call)] = rec
@@ -624,7 +683,9 @@ class Monitor:
                                 **({"call": rec.call} if rec.call is not None else {}),
                                 **rec.stats.as_dict()})
             for rec in record.inputs.values():
-                w.write(base | {"kind": "input", "name": rec.name, "calls": rec.calls, **rec.stats.as_dict()})
+                w.write(base | {"kind": "input", "name": rec.name, "calls": rec.calls,
+                                **({"call": rec.call} if rec.call is not None else {}),
+                                **rec.stats.as_dict()})
             for rec in record.grads.values():
                 w.write(base | {"kind": "grad", "name": rec.name, "missing": False, **rec.stats.as_dict()})
             for name in record.missing_grads:
@@ -632,8 +693,8 @@ class Monitor:
             for rec in record.updates.values():
                 w.write(base | {"kind": "update", "name": rec.name, "update_norm": rec.update_norm,
                                 "weight_norm": rec.weight_norm, "ratio": rec.ratio})
-            if record.grads:
-                w.write(base | {"kind": "scalar", "name": "grad_norm", "value": record.grad_norm})
+        if record.grads:  # a scalar row: kept past the storage cap too
+            w.write(base | {"kind": "scalar", "name": "grad_norm", "value": record.grad_norm})
         w.flush()
 
     def _check_anomalies(self, record: StepRecord) -> None:
@@ -671,11 +732,13 @@ class Monitor:
             parts.append(f"[{style}]{event['severity']} {event['code']}[/] {event['target']}")
         if len(new) > 3:
             parts.append(f"+{len(new) - 3} more")
-        self._console.print("stethoscope · " + " · ".join(parts))
+        self._console.print("stethoscope · " + " · ".join(parts), soft_wrap=True)  # one line in a log file
 
     # ------------------------------------------------------------------ state, meta, close
     def state_dict(self) -> dict:
         """Everything needed to continue this monitor in a new process (``resume=True`` loads it)."""
+        if self.disabled:
+            return {}
         return {
             "schema_version": rd.SCHEMA_VERSION,
             "last_step": self._last_step,
@@ -688,6 +751,8 @@ class Monitor:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if self.disabled:
+            return
         self._last_step = state.get("last_step")
         self._anomaly_left = int(state.get("anomaly_left", 0))
         self._epoch = state.get("epoch")
@@ -734,8 +799,11 @@ class Monitor:
             "schedule": repr(self.schedule),
             "verdict": self.findings.verdict(),
         }
+        if error is None and status == "crashed":  # close(status="crashed") keeps the step's error
+            error = getattr(self, "_crash_error", None)
         if error is not None:
             meta["error"] = error
+            self._crash_error = error
         if self._resumed and old:
             meta["resumed"] = int(old.get("resumed", 0)) + (1 if status == "running" else 0)
         rd.write_json_atomic(self.run_dir / rd.META, meta)
@@ -744,11 +812,17 @@ class Monitor:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self, status: str = "finished") -> None:
-        """Flush, run the final checks, write meta/report, and remove every hook. Safe to call twice."""
+    def close(self, status: str | None = None) -> None:
+        """Flush, run the final checks, write meta/report, and remove every hook. Safe to call twice.
+
+        ``status`` defaults to "crashed" when the last step raised (e.g. ``close()`` in a ``finally``),
+        else "finished".
+        """
         if self.disabled or self._closed:
             self._closed = True
             return
+        if status is None:
+            status = "crashed" if getattr(self, "_crash_error", None) else "finished"
         self._closed = True
         stop_error = None
         try:
@@ -791,6 +865,8 @@ class Monitor:
         self._grad_params = []
         self._update_params = []
         self._update_snapshot = []
+        self._grad_marks = []
+        self._scaler_states = None
         self._dedup = {}
         self._input_flags = {}
         self._model_ref = lambda: None  # type: ignore[assignment]
@@ -805,11 +881,10 @@ class Monitor:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and not isinstance(exc, CriticalFindingError):
-            try:
+        if exc is not None:  # including a CriticalFindingError from stop_on: the run ended there
+            self._crash_error = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(CriticalFindingError):
                 self.close(status="crashed")
-            except CriticalFindingError:
-                pass
         else:
             self.close()
 

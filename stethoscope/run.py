@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from stethoscope import rundir as rd
@@ -76,7 +77,11 @@ def fold_findings(events: list[dict]) -> list[Finding]:
         if SEVERITY_RANK.get(sev, 0) > SEVERITY_RANK.get(f.severity, 0):
             f.severity = sev
         f.value = ev.get("value")
-        if kind == "update" or f.worst_value is None:
+        if "worst_value" in ev:  # the writer tracks the worst value in the finding's own direction
+            # within one open period the writer's worst is authoritative; a re-opening counts if further
+            if kind == "update" or _further(ev["worst_value"], f.worst_value, f.threshold):
+                f.worst_value = ev["worst_value"]
+        elif kind == "update" or f.worst_value is None:
             f.worst_value = ev.get("value")
         f.threshold = ev.get("threshold", f.threshold)
         f.message = ev.get("message", f.message)
@@ -87,6 +92,28 @@ def fold_findings(events: list[dict]) -> list[Finding]:
         folded.values(),
         key=lambda f: (-SEVERITY_RANK.get(f.severity, 0), f.first_step if f.first_step is not None else -1, f.id),
     )
+
+
+def _further(value: Any, worst: Any, threshold: Any) -> bool:
+    """True when ``value`` lies further from ``threshold`` than ``worst`` (numbers only)."""
+    try:
+        v, w, t = float(value), float(worst), float(threshold)
+    except (TypeError, ValueError):
+        return False
+    return abs(v - t) > abs(w - t)
+
+
+def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """Turn the JSON spellings of ±Inf ("inf", "-inf") back into floats in numeric columns."""
+    for col in frame.columns:
+        if frame[col].dtype == object and col not in ("kind", "name", "output", "schema_version"):
+            values = frame[col]
+            if values.isin(["inf", "-inf"]).any():
+                converted = pd.to_numeric(values.replace({"inf": np.inf, "-inf": -np.inf}), errors="coerce")
+                # only where every non-null entry was a number or an inf spelling
+                if converted.notna().sum() == values.notna().sum():
+                    frame[col] = converted
+    return frame
 
 
 class Run:
@@ -122,7 +149,7 @@ class Run:
                 rows = list(rd.read_jsonl(d / rd.METRICS))
                 if not rows:
                     continue
-                frame = pd.DataFrame.from_records(rows)
+                frame = _numeric(pd.DataFrame.from_records(rows))
                 if len(self._dirs) > 1:
                     frame["rank"] = meta.get("rank", int(d.name[4:]) if d.name[4:].isdigit() else None)
                 frames.append(frame)
@@ -135,7 +162,11 @@ class Run:
         df = self.metrics
         if "kind" not in df:
             return df.iloc[0:0]
-        return df[df["kind"] == kind].dropna(axis=1, how="all").reset_index(drop=True)
+        rows = df[df["kind"] == kind]
+        # empty statistic columns go; the key columns stay (a step of None, logged before the first step,
+        # must not drop "step" and break scalars())
+        keep = [c for c in rows.columns if c in ("schema_version", "step", "kind", "name") or rows[c].notna().any()]
+        return rows[keep].reset_index(drop=True)
 
     def scalars(self) -> pd.DataFrame:
         """Logged scalars as a wide frame: one row per step, one column per name (loss, grad_norm, ...)."""

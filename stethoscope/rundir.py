@@ -62,8 +62,8 @@ def prepare(run_dir: str | Path, resume: bool) -> Path:
         )
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-", delete=True):
+            pass
     except OSError as exc:
         raise RunDirError(
             f"run_dir {str(path)!r} is not writable ({exc.strerror or exc}); choose a folder you can write to"
@@ -89,8 +89,11 @@ class JsonlWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115  (kept open for the run)
         self.bytes = path.stat().st_size
+        if self.bytes and _last_byte(path) != b"\n":  # a torn last line (kill -9): end it, so the
+            self._fh.write("\n")  # first line appended on resume is not glued to it and lost
+            self.bytes += 1
 
     def write(self, record: dict) -> None:
         line = dumps(record) + "\n"
@@ -105,6 +108,12 @@ class JsonlWriter:
         if not self._fh.closed:
             self._fh.flush()
             self._fh.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
