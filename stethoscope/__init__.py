@@ -4,23 +4,30 @@
     mon = st.Monitor(model, optimizer=opt, run_dir="runs/exp1")
     ...
     run = st.load_run("runs/exp1")
+
+The public names are imported on first use, so ``stethoscope --help`` does not pay for importing torch.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from stethoscope.config import Config, load_config
-from stethoscope.errors import (
-    ConfigError,
-    CriticalFindingError,
-    MonitorClosedError,
-    MonitorUsageError,
-    RunDirError,
-    StethoscopeError,
-)
-from stethoscope.monitor import Monitor
-from stethoscope.run import Run, load_run
+_EXPORTS = {
+    "Config": "stethoscope.config",
+    "load_config": "stethoscope.config",
+    "ConfigError": "stethoscope.errors",
+    "CriticalFindingError": "stethoscope.errors",
+    "MonitorClosedError": "stethoscope.errors",
+    "MonitorUsageError": "stethoscope.errors",
+    "RunDirError": "stethoscope.errors",
+    "StethoscopeError": "stethoscope.errors",
+    "Monitor": "stethoscope.monitor",
+    "Run": "stethoscope.run",
+    "load_run": "stethoscope.run",
+}
 
 __all__ = [
     "Config",
@@ -36,3 +43,29 @@ __all__ = [
     "load_config",
     "load_run",
 ]
+
+if TYPE_CHECKING:
+    from stethoscope.config import Config, load_config
+    from stethoscope.errors import (
+        ConfigError,
+        CriticalFindingError,
+        MonitorClosedError,
+        MonitorUsageError,
+        RunDirError,
+        StethoscopeError,
+    )
+    from stethoscope.monitor import Monitor
+    from stethoscope.run import Run, load_run
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stethoscope' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

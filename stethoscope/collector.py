@@ -9,7 +9,9 @@ variance for the spread; a per-feature max kept on the device for dead features)
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,3 +147,57 @@ def merge_stats(parts: list[tuple[np.ndarray, int]], features: int, dead: float 
     if dead is not None:
         merged[_IDX["dead"]] = dead
     return finalize(merged, total_n, features)
+
+
+class AsyncScalars:
+    """Logged CUDA scalars of unsampled steps, copied to pinned host memory without waiting for the GPU.
+
+    ``mon.log(loss=loss)`` must not stall the stream on every step. On an unsampled step the values are
+    queued with a non-blocking copy and a CUDA event; they are read once the event has completed (polled at
+    each step boundary), or waited for before a sampled step's flush and at ``close()``, so records are
+    still written in step order. CPU tensors never come here: reading them costs nothing.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: deque = deque()
+        self._free: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def submit(self, step: int | None, pending: dict | None, names: list[str],
+               tensors: list[torch.Tensor], values: dict[str, float]) -> None:
+        device = tensors[0].device
+        stacked = torch.stack([t.to(device=device, dtype=torch.float32).reshape(()) for t in tensors])  # (k,)
+        buf = next((b for b in self._free if b.numel() >= stacked.numel()), None)
+        if buf is None:
+            buf = self._host_buffer(max(64, stacked.numel()))
+        else:
+            self._free.remove(buf)
+        buf[: stacked.numel()].copy_(stacked, non_blocking=True)
+        event = self._event(device)
+        # ``stacked`` is kept alive until the copy has finished reading it
+        self._inflight.append((step, pending, names, buf, event, values, stacked))
+
+    @staticmethod
+    def _host_buffer(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.float32, pin_memory=True)  # (n,) page-locked: async copies
+
+    @staticmethod
+    def _event(device: torch.device) -> Any:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def ready(self, block: bool):
+        """Yield ``(step, pending, values)`` of completed copies in submission order."""
+        while self._inflight:
+            step, pending, names, buf, event, values, _stacked = self._inflight[0]
+            if not block and not event.query():
+                return
+            event.synchronize()
+            self._inflight.popleft()
+            host = buf[: len(names)].numpy()  # pinned host memory: a plain read
+            values = dict(values) | {name: float(v) for name, v in zip(names, host, strict=True)}
+            self._free.append(buf)
+            yield step, pending, values

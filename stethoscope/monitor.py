@@ -45,7 +45,7 @@ from torch import nn
 
 from stethoscope import __version__
 from stethoscope import rundir as rd
-from stethoscope.collector import Entry, StepCollector, merge_stats
+from stethoscope.collector import AsyncScalars, Entry, StepCollector, merge_stats
 from stethoscope.config import Config, load_config, patterns
 from stethoscope.console import SEVERITY_STYLE, get_console
 from stethoscope.errors import CriticalFindingError, MonitorClosedError, MonitorUsageError
@@ -160,6 +160,7 @@ class Monitor:
         self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
         self.heartbeat = Heartbeat()
         self._collector = StepCollector(cfg.stats.eps)
+        self._async = AsyncScalars()  # logged CUDA scalars of unsampled steps, read without a stall
         self._scratch = Scratch()  # work buffers reused by every statistic (3 x 16 MiB per device at most)
         self._metrics = rd.JsonlWriter(self.run_dir / rd.METRICS)
         self._findings_writer = rd.JsonlWriter(self.run_dir / rd.FINDINGS)
@@ -592,14 +593,31 @@ class Monitor:
             raise MonitorUsageError("flush() inside a step: call it after the `with mon.step(...)` block")
         self._flush()
 
-    def _flush(self) -> None:
-        """Bring the pending step's rows and scalars to the host, write them, run the rules."""
+    def _flush(self, final: bool = False) -> None:
+        """Bring the pending step's rows and scalars to the host, write them, run the rules.
+
+        An unsampled step whose only device data are logged CUDA scalars is not waited for: its values
+        travel through :class:`AsyncScalars` and are processed once they have arrived (``final`` waits).
+        """
         pending, self._pending = self._pending, None
         scalars, self._pending_scalars = self._pending_scalars, {}
         if pending is None and not scalars:
+            self._process_async(block=final)
             return
         step = pending["step"] if pending is not None else self._last_step
         tensor_scalars = [(k, v) for k, v in scalars.items() if isinstance(v, torch.Tensor)]
+        values = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
+        sampled = bool(pending and pending["sampled"])
+        if (not sampled and not final and tensor_scalars and len(self._collector) == 0
+                and all(v.device.type == "cuda" for _, v in tensor_scalars)):
+            try:
+                self._async.submit(step, pending, [k for k, _ in tensor_scalars],
+                                   [v for _, v in tensor_scalars], values)
+            except Exception as exc:
+                self._record_error("queueing logged scalars", exc)
+            self._process_async(block=False)
+            return
+        self._process_async(block=True)  # earlier steps first, so records stay in step order
         for k, v in tensor_scalars:
             self._collector.add(Entry("scalar", k, "", 0, 1), v.to(torch.float32).reshape(1))
         try:
@@ -607,8 +625,15 @@ class Monitor:
         except Exception as exc:
             self._record_error("reading statistics back from the device", exc)
             entries, rows, dead = [], [], {}
-        values = {k: float(v) for k, v in scalars.items() if not isinstance(v, torch.Tensor)}
-        record = self._build_record(step, pending, entries, rows, dead, values)
+        self._process(self._build_record(step, pending, entries, rows, dead, values))
+
+    def _process_async(self, block: bool) -> None:
+        if len(self._async):
+            for step, pending, values in self._async.ready(block):
+                self._process(self._build_record(step, pending, [], [], {}, values))
+
+    def _process(self, record: StepRecord) -> None:
+        """Write a step's record, check anomalies, run the rules, print its line."""
         self._guard("writing metrics", self._write_record, record)
         self._guard("checking anomalies", self._check_anomalies, record)
         for rule in self._rules:
@@ -827,7 +852,7 @@ class Monitor:
         stop_error = None
         try:
             try:
-                self._flush()
+                self._flush(final=True)
             except CriticalFindingError as err:
                 stop_error = err
             for rule in self._rules:

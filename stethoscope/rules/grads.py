@@ -1,0 +1,615 @@
+"""Gradient rules: zero fraction, missing, non-finite, norm spikes, vanishing, and the dying trend.
+
+All of them read the per-parameter gradient statistics of sampled steps (``record.grads``) — host-side
+floats already transferred by the monitor — and keep short per-parameter histories.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from stethoscope.record import StepRecord
+from stethoscope.rules import hints as H
+from stethoscope.rules._series import Series, geomean, kendall_tau, mean, median, theil_sen
+from stethoscope.rules.base import Rule, RuleContext, register_rule
+from stethoscope.rules.thresholds import Threshold
+from stethoscope.sampling import SpikeDetector
+from stethoscope.stats import Stats
+
+# Below this many eps of RMS, "|g| <= eps" counts small gradients, not dead ones (grad.vanishing's case).
+MIN_RMS_IN_EPS = 100.0
+
+
+def rms(stats: Stats) -> float:
+    n = stats.count - stats.nonfinite
+    return stats.norm / math.sqrt(n) if n > 0 and stats.norm == stats.norm else math.nan
+
+
+def excess_zero_fraction(rule: Rule, name: str, stats: Stats) -> float | None:
+    """The zero fraction of a gradient beyond what is known to be normal, or None when not judged.
+
+    Embedding weights are skipped (rows of tokens absent from the batch get no gradient). A key-projection
+    bias's exactly-zero share is taken out: ``(zf - share) / (1 - share)``, the zero fraction of the rest.
+    Gradients whose non-zero entries have an RMS under ``100 * stats.eps`` are skipped: there the count
+    measures scale (grad.vanishing's case), not dead units. An all-zero gradient (norm exactly 0) is 1.
+    """
+    pi = rule.info.params.get(name)
+    zf = stats.zero_fraction
+    if zf != zf or stats.count == 0:
+        return None
+    if pi is not None and pi.embedding:
+        return None
+    share = pi.key_bias_share if pi is not None else 0.0
+    if share >= 1.0:
+        return None
+    finite = stats.count - stats.nonfinite
+    if zf >= 1.0:  # every entry under eps: dead if exactly zero, merely tiny otherwise
+        return 1.0 if stats.norm == 0 else None
+    rms_alive = stats.norm / math.sqrt(finite * (1.0 - zf))  # RMS of the entries that are not zero
+    if not (rms_alive >= MIN_RMS_IN_EPS * rule.ctx.eps):
+        return None
+    return max(0.0, zf - share) / (1.0 - share)
+
+
+def _owner(rule: Rule, name: str) -> str:
+    pi = rule.info.params.get(name)
+    return pi.owner if pi is not None and pi.owner else name.rpartition(".")[0] or name
+
+
+@register_rule
+class GradZeroFraction(Rule):
+    """``grad.zero_fraction``: the playbook's "Recent avg zeros" for every parameter.
+
+    Value: the share of the gradient's entries with |g| <= ``stats.eps``, beyond the known-normal zeros,
+    averaged over the last ``rules.smoothing`` sampled steps. Defaults from the field note: under 5 %
+    healthy, 5–10 % warning, 10 % and over critical.
+    """
+
+    code = "grad.zero_fraction"
+    order = 10
+    thresholds: ClassVar[dict[str, Threshold]] = {"grad.zero_fraction": Threshold(0.05, 0.10)}
+    summary = "share of a parameter's gradient that is exactly zero (dead units), recent average"
+
+    def __init__(self, ctx: RuleContext):
+        super().__init__(ctx)
+        self.recent = Series(self.settings.smoothing)
+
+    def check(self, record: StepRecord) -> None:
+        step = record.step
+        zero_matrix = self._zero_matrix(record)
+        for name, rec in record.grads.items():
+            value = excess_zero_fraction(self, name, rec.stats)
+            if value is None:
+                self._explain(name, rec.stats, step)
+                continue
+            if zero_matrix and rec.stats.norm == 0:
+                self.note(
+                    name,
+                    step,
+                    1.0,
+                    f"the gradient of `{name}` is exactly zero while `{zero_matrix}` is "
+                    "still all zeros (a zero-initialised layer such as LoRA's B): nothing flows back "
+                    "through it until it moves; normal at the start",
+                )
+                continue
+            value = mean([v for _, v in self.recent.push(name, step, value)])
+            self.judge(
+                name,
+                value,
+                step,
+                message=lambda n=name, v=value, s=rec.stats: self._message(n, v, s),
+                hint=lambda n=name: self._hint(n),
+            )
+
+    def _zero_matrix(self, record: StepRecord) -> str | None:
+        """A weight matrix that is exactly zero now (zero-initialised): gradients behind it are zero too."""
+        for name, u in record.updates.items():
+            pi = self.info.params.get(name)
+            if u.weight_norm == 0 and pi is not None and pi.ndim >= 2:
+                return name
+        return None
+
+    def state_dict(self) -> dict:
+        return {"recent": self.recent.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.load_state_dict(state.get("recent", {}))
+
+    def _explain(self, name: str, stats: Stats, step: int | None) -> None:
+        pi = self.info.params.get(name)
+        zf = stats.zero_fraction
+        level = self.threshold(name).shown
+        if pi is None or zf != zf or zf < (level if level is not None else 0.05):
+            return
+        if pi.embedding:
+            self.note(
+                name,
+                step,
+                zf,
+                f"{H.pct(zf)} of the gradient of embedding `{name}` is zero: rows of "
+                "tokens (or positions) absent from the batch get no gradient; this is normal",
+            )
+        elif pi.key_bias_share >= 1.0:
+            self.note(
+                name,
+                step,
+                zf,
+                f"`{name}` is a key-projection bias: softmax ignores a constant added "
+                "to a row of scores, so its gradient is exactly zero; this is normal, not attention death",
+            )
+
+    def _message(self, name: str, value: float, stats: Stats) -> str:
+        n = len(self.recent.values(name))
+        pi = self.info.params.get(name)
+        text = (
+            f"{H.pct(value)} of the gradient entries of `{name}` are zero (|g| <= {H.fmt(self.ctx.eps)}), "
+            f"averaged over the last {n} sampled step{'s' if n != 1 else ''}: units that pass no gradient"
+        )
+        if pi is not None and pi.key_bias_share > 0:
+            text += (
+                f". `{name}` holds a key-projection bias: its key part ({H.pct(pi.key_bias_share)} of the "
+                "entries) gets exactly zero gradient under softmax — normal, the field note's '33 % zeros "
+                "in in_proj_bias' — and is left out of this figure; the rest is not normal"
+            )
+        return text
+
+    def _hint(self, name: str) -> str:
+        owner = _owner(self, name)
+        return H.join(
+            "Dead units are usually input-related, not weight-related (the playbook)",
+            H.input_scale(owner),
+            H.layernorm(owner),
+            f"if the zeros appeared after a loss or gradient spike, {H.lower_lr(self.ctx.lr(name))}",
+            H.xavier(owner),
+        )
+
+
+@register_rule
+class GradMissing(Rule):
+    """``grad.missing``: a trainable parameter that got no gradient in a step that had a backward pass.
+
+    Value: sampled steps in a row (with a backward pass) in which ``param.grad`` was None. Warning from the
+    first, critical from the third. Steps without any gradient (no backward yet, evaluation) are skipped.
+    """
+
+    code = "grad.missing"
+    order = 11
+    thresholds: ClassVar[dict[str, Threshold]] = {"grad.missing": Threshold(1, 3)}
+    summary = "trainable parameter with no gradient (unused in forward, detached, or frozen by mistake)"
+
+    def __init__(self, ctx: RuleContext):
+        super().__init__(ctx)
+        self.streak: dict[str, int] = {}
+
+    def check(self, record: StepRecord) -> None:
+        if not record.grads:  # no backward this step: nothing is "missing"
+            return
+        step = record.step
+        ran = {c[0] for c in record.act_calls}
+        for name in record.missing_grads:
+            n = self.streak.get(name, 0) + 1
+            self.streak[name] = n
+            owner = _owner(self, name)
+            self.judge(
+                name,
+                n,
+                step,
+                message=lambda name=name, n=n, owner=owner: self._message(name, n, owner, ran, record),
+                hint=lambda name=name, owner=owner: self._hint(name, owner),
+            )
+        for name in record.grads:
+            if self.streak.pop(name, 0):
+                self.release(name, step, 0)
+
+    def _message(self, name: str, n: int, owner: str, ran: set, record: StepRecord) -> str:
+        text = (
+            f"`{name}` requires grad but got no gradient in {n} sampled step{'s' if n != 1 else ''} in a "
+            "row, while the rest of the model did"
+        )
+        if record.act_calls:
+            if owner in ran:
+                text += (
+                    f"; its module `{owner}` ran in forward, so its output does not reach the loss, or "
+                    "it is cut off by .detach(), torch.no_grad() or .data"
+                )
+            else:
+                text += f"; its module `{owner}` produced no output this step: it is probably never called"
+        return text
+
+    def _hint(self, name: str, owner: str) -> str:
+        pi = self.info.params.get(name)
+        opt = "" if pi is None or pi.group is None else " and leave it out of the optimizer"
+        return H.join(
+            f"If `{name}` should not train, freeze it (`requires_grad_(False)`){opt}",
+            f"if it should, make sure `{owner}` is called in forward and its output reaches the loss "
+            "without .detach(), torch.no_grad() or .data on the way",
+            "a parameter left unused on purpose (e.g. BertModel's pooler when you read last_hidden_state) "
+            "can be silenced with a thresholds entry setting grad.missing to .inf for its pattern",
+        )
+
+    def state_dict(self) -> dict:
+        return {"streak": dict(self.streak)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak = {k: int(v) for k, v in state.get("streak", {}).items()}
+
+
+@register_rule
+class GradNonfinite(Rule):
+    """``grad.nonfinite``: NaN or ±Inf entries in a parameter's gradient.
+
+    Value: the number of non-finite entries. Critical from one. With a ``GradScaler`` handed to the
+    monitor, a step it skips is normal while it calibrates its scale: only a streak of
+    ``rules.scaler_patience`` (3) sampled steps in a row is reported.
+    """
+
+    code = "grad.nonfinite"
+    order = 12
+    thresholds: ClassVar[dict[str, Threshold]] = {"grad.nonfinite": Threshold(1, 1)}
+    summary = "NaN or Inf in a parameter's gradient"
+    SCALER_PATIENCE = 3
+
+    def __init__(self, ctx: RuleContext):
+        super().__init__(ctx)
+        self.streak = 0
+
+    def check(self, record: StepRecord) -> None:
+        bad = [(name, rec.stats) for name, rec in record.grads.items() if rec.stats.nonfinite > 0]
+        step = record.step
+        if not bad:
+            self.streak = 0
+            for target in self.open_targets():
+                self.release(target, step, 0)
+            return
+        self.streak += 1
+        if self.info.scaler and self.streak < self.SCALER_PATIENCE:
+            return
+        total = len(record.grads)
+        loss = record.scalars.get("loss")
+        for name, st in bad:
+            self.judge(
+                name,
+                st.nonfinite,
+                step,
+                message=lambda name=name, st=st: self._message(name, st, len(bad), total, loss),
+                hint=lambda name=name: self._hint(name, loss),
+                data={"parameters_nonfinite": len(bad), "parameters": total},
+            )
+        bad_names = {n for n, _ in bad}
+        for target in self.open_targets():
+            if target not in bad_names:
+                self.release(target, step, 0)
+
+    def _message(self, name: str, st: Stats, n_bad: int, total: int, loss: float | None) -> str:
+        text = (
+            f"{st.nonfinite} of {st.count} gradient entries of `{name}` are NaN or Inf; {n_bad} of "
+            f"{total} parameters have non-finite gradients this step"
+        )
+        if loss is not None:
+            text += f"; the loss was {'finite' if math.isfinite(loss) else 'non-finite'} ({H.fmt(loss)})"
+        if self.info.scaler:
+            text += f"; the GradScaler has skipped {self.streak} sampled steps in a row"
+        return text
+
+    def _hint(self, name: str, loss: float | None) -> str:
+        origin = self.ctx.shared.get("nonfinite_origin")
+        if origin:
+            first = (
+                f"The forward pass already went non-finite in `{origin or '<model>'}` "
+                "(see numerics.nonfinite): fix that first, the gradients only inherit it"
+            )
+        elif loss is not None and math.isfinite(loss):
+            first = (
+                "The loss was finite, so the NaN is born in backward: look for sqrt, log, pow or a "
+                "division at 0 (their derivative is infinite there) between the loss and this parameter"
+            )
+        else:
+            first = "Find where the forward pass first goes non-finite (numerics.nonfinite)"
+        return H.join(
+            first,
+            H.lower_lr(self.ctx.lr(name)),
+            "in float16 use a GradScaler or bfloat16; gradient clipping does not repair a NaN",
+        )
+
+    def state_dict(self) -> dict:
+        return {"streak": self.streak}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.streak = int(state.get("streak", 0))
+
+
+@register_rule
+class GradNormSpike(Rule):
+    """``grad.norm_spike``: the global gradient norm far above its robust running baseline.
+
+    Value: the total gradient norm / the median of the last ``rules.window`` non-spiking sampled steps (the
+    same robust median as the monitor's anomaly sampling), judged from the second sampled step on.
+    Warning at 10×, critical at 100× — or when it stays past the warning level for 5 sampled steps in a
+    row (a bad batch spikes once; a far too high learning rate never comes back down). The norm is the whole model's, so the target is the root module
+    (``""``, as ``named_modules()`` names it); the message and ``data.culprit`` name the parameter whose own
+    gradient norm jumped the most against its own median.
+    """
+
+    code = "grad.norm_spike"
+    order = 13
+    thresholds: ClassVar[dict[str, Threshold]] = {"grad.norm_spike": Threshold(10.0, 100.0)}
+    summary = "global gradient norm spikes against its running median"
+    SUSTAINED = 5  # a spike that lasts this many sampled steps in a row is critical whatever its size
+
+    def __init__(self, ctx: RuleContext):
+        super().__init__(ctx)
+        th = self.threshold("")
+        factor = th.warning if th.warning is not None and math.isfinite(th.warning) else math.inf
+        # judged from the second sampled step: with a far too high learning rate the very first update
+        # wrecks the weights, and every later norm is already "the new normal"
+        self.baseline = SpikeDetector(factor, window=self.settings.window, min_history=1)
+        self.param_norms = Series(self.settings.window)
+        self.episode: str | None = None  # "" while a spike is open
+        self.streak = 0  # sampled steps in a row above the warning level
+
+    def check(self, record: StepRecord) -> None:
+        if not record.grads or any(r.stats.nonfinite > 0 for r in record.grads.values()):
+            return  # grad.nonfinite speaks for non-finite gradients
+        step = record.step
+        gn = record.grad_norm
+        med = self.baseline.median()
+        th = self.threshold("")
+        ratio = gn / med if med == med and med > 0 else math.nan
+        spiking = self.baseline.check(gn) and ratio == ratio
+        if not spiking:
+            self.streak = 0
+            for name, rec in record.grads.items():
+                self.param_norms.push(name, step, rec.stats.norm)
+            if self.episode is not None and (ratio != ratio or th.healthy(ratio, self.clear_factor)):
+                self.release(self.episode, step, ratio)
+                self.episode = None
+            return
+        self.episode = ""
+        self.streak += 1
+        sustained = self.streak >= self.SUSTAINED
+        culprit = self._culprit(record)
+        own = self._own_ratio(culprit, record)
+        streak = self.streak
+        self.judge(
+            "",
+            ratio,
+            step,
+            severity="critical" if sustained else None,
+            message=lambda: (
+                f"the total gradient norm {H.fmt(gn)} is {H.fmt(ratio)}× its running median "
+                f"{H.fmt(med)} (last {len(self.baseline.history)} sampled steps); the largest "
+                f"jump is in `{culprit}` ({H.fmt(own)}× its own median)"
+                + (
+                    f"; it has stayed up for {streak} sampled steps in a row: the run is not recovering"
+                    if sustained
+                    else ""
+                )
+            ),
+            hint=lambda: H.join(
+                f"A far too high learning rate: {H.lower_lr(self.ctx.lr(culprit))}",
+                f"clip gradients at a few times the typical norm (max_grad_norm ≈ {H.fmt(3 * med)})",
+                H.clipping(med),
+                "if it follows a bad batch, skip batches whose loss is non-finite or far off",
+            ),
+            data={"grad_norm": gn, "median": med, "culprit": culprit, "culprit_ratio": own},
+        )
+
+    def _own_ratio(self, name: str, record: StepRecord) -> float:
+        rec = record.grads.get(name)
+        base = median(self.param_norms.values(name))
+        return rec.stats.norm / base if rec is not None and base == base and base > 0 else math.nan
+
+    def _culprit(self, record: StepRecord) -> str:
+        best, best_r = None, -1.0
+        for name in record.grads:
+            r = self._own_ratio(name, record)
+            if r == r and r > best_r:
+                best, best_r = name, r
+        if best is None:  # no per-parameter history: the largest contributor
+            best = max(record.grads, key=lambda n: record.grads[n].stats.norm)
+        return best
+
+    def state_dict(self) -> dict:
+        return {
+            "baseline": self.baseline.state_dict(),
+            "params": self.param_norms.state_dict(),
+            "episode": self.episode,
+            "streak": self.streak,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline.load_state_dict(state.get("baseline", {}))
+        self.param_norms.load_state_dict(state.get("params", {}))
+        self.episode = state.get("episode")
+        self.streak = int(state.get("streak", 0))
+
+
+def peer_key(name: str) -> str:
+    """The name with its layer indices wildcarded: ``h.3.mlp.c_fc.weight`` -> ``h.*.mlp.c_fc.weight``."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+@register_rule
+class GradVanishing(Rule):
+    """``grad.vanishing``: a parameter whose gradient is orders of magnitude below its peers'.
+
+    Value: the parameter's gradient RMS over a reference, geometric mean over the last ``rules.smoothing``
+    sampled steps; lower is worse: warning at 1e-3, critical at 1e-4. The reference is the median RMS of
+    its peers — the same parameter in the model's other repeated blocks (``h.*.mlp.c_fc.weight``) — and of
+    the model's parameters as a whole; the smaller ratio counts. Peers compare like with like (a bias with
+    biases); the model-wide median catches a stack whose blocks all starve. Embeddings, key-projection
+    biases and exactly-zero gradients (grad.zero_fraction's case) are left out. A healthy transformer's
+    smallest ratio is around 0.05.
+    """
+
+    code = "grad.vanishing"
+    order = 14
+    thresholds: ClassVar[dict[str, Threshold]] = {
+        "grad.vanishing": Threshold(1e-3, 1e-4, higher_is_worse=False)
+    }
+    summary = "gradient RMS of a parameter far below its peers' / the model's median"
+    MIN_PARAMS = 4
+
+    def __init__(self, ctx: RuleContext):
+        super().__init__(ctx)
+        self.recent = Series(self.settings.smoothing)
+
+    def _eligible(self, name: str) -> bool:
+        pi = self.info.params.get(name)
+        return pi is None or (not pi.embedding and pi.key_bias_share < 1.0)
+
+    def check(self, record: StepRecord) -> None:
+        rmss = {}
+        for name, rec in record.grads.items():
+            if self._eligible(name):
+                r = rms(rec.stats)
+                if r == r and math.isfinite(r) and r > 0:  # exactly zero: dead, grad.zero_fraction's case
+                    rmss[name] = r
+        if len(rmss) < self.MIN_PARAMS:
+            return
+        med = median(list(rmss.values()))
+        if not med > 0:
+            return
+        groups: dict[str, list[float]] = {}
+        for name, r in rmss.items():
+            groups.setdefault(peer_key(name), []).append(r)
+        step = record.step
+        for name, r in rmss.items():
+            peers = groups[peer_key(name)]
+            ref, against = med, "the model's median parameter gradient"
+            if len(peers) >= 2:
+                peer_med = median(peers)
+                if peer_med > med:
+                    ref, against = peer_med, f"the median of its {len(peers)} peers `{peer_key(name)}`"
+            value = geomean([v for _, v in self.recent.push(name, step, r / ref)])
+            self.judge(
+                name,
+                value,
+                step,
+                message=lambda name=name, r=r, v=value, ref=ref, against=against: (
+                    f"the gradient reaching `{name}` (RMS {H.fmt(r)}) is {H.fmt(v)}× {against} "
+                    f"({H.fmt(ref)}): the learning signal dies before it gets there"
+                ),
+                hint=lambda name=name: self._hint(name),
+            )
+
+    def _hint(self, name: str) -> str:
+        owner = _owner(self, name)
+        return H.join(
+            f"Look at what sits between `{owner}` and the loss: a saturating nonlinearity (see act.saturation), "
+            "a branch scaled down by a constant, or a missing normalisation",
+            H.layernorm(owner),
+            H.clipping(None),
+            "Adam rescues small gradients only down to its eps (1e-8): below that the parameter stops moving",
+        )
+
+    def state_dict(self) -> dict:
+        return {"recent": self.recent.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.load_state_dict(state.get("recent", {}))
+
+
+@register_rule
+class GradDeadTrend(Rule):
+    """``grad.dead_trend``: a parameter's zero-gradient fraction rising steadily over the window.
+
+    The playbook's "progressive death" (2–5 % → 10–25 % → 40 %+): caught while the level is still under
+    ``grad.zero_fraction``'s threshold. Value: the rise of the (known-normal-corrected) zero fraction
+    across the window, from a robust (Theil–Sen) slope; it counts only when the rise is monotone (Kendall
+    tau >= 0.6 over at least ``rules.min_history`` sampled steps) and the fraction is already at least 1 %.
+    Warning at a rise of 2 points, critical at 10 points.
+    """
+
+    code = "grad.dead_trend"
+    order = 15
+    thresholds: ClassVar[dict[str, Threshold]] = {"grad.dead_trend": Threshold(0.02, 0.10)}
+    summary = "zero-gradient fraction rising steadily (progressive death), before it crosses its threshold"
+    MIN_TAU = 0.6
+    FLOOR = 0.01
+
+    def __init__(self, ctx: RuleContext):
+        super().__init__(ctx)
+        self.history = Series(self.settings.window)
+        self.scale = Series(self.settings.window)
+
+    def check(self, record: StepRecord) -> None:
+        step = record.step
+        for name, rec in record.grads.items():
+            value = excess_zero_fraction(self, name, rec.stats)
+            if value is None:
+                continue
+            points = self.history.push(name, step, value)
+            scales = [*self.scale.values(name), rms(rec.stats)]
+            self.scale.push(name, step, scales[-1])
+            if len(points) < max(3, self.settings.min_history):
+                continue
+            if max(v for _, v in points) <= 0.0:
+                if self.is_open(name):
+                    self.release(name, step, 0.0)
+                continue
+            rise, tau, current = self._trend(points)
+            if current < self.FLOOR or tau < self.MIN_TAU or self._shrinking(scales):
+                rise = min(rise, 0.0)
+            self.judge(
+                name,
+                rise,
+                step,
+                message=lambda name=name, rise=rise, tau=tau, cur=current, pts=points: self._message(
+                    name, rise, tau, cur, pts
+                ),
+                hint=lambda name=name: self._hint(name),
+                data={"zero_fraction": current, "tau": tau, "points": len(points)},
+            )
+
+    @staticmethod
+    def _shrinking(scales: list[float]) -> bool:
+        """The gradient's RMS fell by more than half across the window: more entries drop under eps because
+        the whole gradient got smaller (grad.vanishing's business), not because units died. Dying units
+        lower the RMS only by sqrt(alive share)."""
+        k = max(1, len(scales) // 3)
+        return median(scales[-k:]) < 0.5 * median(scales[:k])
+
+    @staticmethod
+    def _trend(points: list[tuple[int, float]]) -> tuple[float, float, float]:
+        slope = theil_sen(points)
+        span = points[-1][0] - points[0][0]
+        tail = [v for _, v in points[-3:]]
+        return slope * span, kendall_tau(points), median(tail)
+
+    def _message(self, name: str, rise: float, tau: float, current: float, points: list) -> str:
+        first, last = points[0][0], points[-1][0]
+        zf_th = self.ctx.resolver.resolve("grad.zero_fraction", name)
+        slope = rise / max(1, last - first)
+        ahead = ""
+        if (
+            slope > 0
+            and zf_th.critical is not None
+            and math.isfinite(zf_th.critical)
+            and current < zf_th.critical
+        ):
+            steps = (zf_th.critical - current) / slope
+            ahead = (
+                f"; at this pace it crosses the critical {H.pct(zf_th.critical)} in about {steps:.0f} steps"
+            )
+        return (
+            f"the zero-gradient fraction of `{name}` rose by {100 * rise:.1f} points between steps {first} and "
+            f"{last} (now {H.pct(current)}, trend tau {tau:.2f}): the progressive-death pattern{ahead}"
+        )
+
+    def _hint(self, name: str) -> str:
+        owner = _owner(self, name)
+        return H.join(
+            "Act before the plateau (the playbook's 40–60 % zeros)",
+            H.input_scale(owner),
+            H.layernorm(owner),
+            H.lower_lr(self.ctx.lr(name)),
+        )
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.state_dict(), "scale": self.scale.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.load_state_dict(state.get("history", {}))
+        self.scale.load_state_dict(state.get("scale", {}))

@@ -1,0 +1,266 @@
+"""The statistics engine against a naive NumPy reference (issue 2, item 1).
+
+The reference is written the obvious way, in float64 over the finite entries of the float32 values; the
+engine (``tensor_stats`` on the device, ``finalize`` on the host) must agree with it for any shape, dtype,
+layout and mix of NaN / ±Inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st_
+
+from stethoscope.stats import RAW_WIDTH, STAT_COLUMNS, finalize, is_summarisable, tensor_stats
+
+EPS = 1e-8
+SAT = 3.0
+
+
+def engine(t: torch.Tensor, eps: float = EPS, sat: float = SAT, features: bool = True) -> dict:
+    row = tensor_stats(t, eps, sat, features=features)
+    assert row.shape == (RAW_WIDTH,) and row.dtype == torch.float32
+    feats = t.shape[-1] if (features and t.dim() >= 2) else 0
+    return finalize(row.numpy(), t.numel(), feats).as_dict()
+
+
+def reference(values: np.ndarray, eps: float = EPS, sat: float = SAT, features: bool = True) -> dict:
+    """Statistics of ``values`` (float32 or complex64, any shape) computed the naive way."""
+    v = np.abs(values) if np.iscomplexobj(values) else values
+    v = np.asarray(v, dtype=np.float32)
+    flat = v.reshape(-1)
+    finite = flat[np.isfinite(flat)]
+    count = flat.size
+    out = {"count": count, "nonfinite": count - finite.size}
+    nf = v.shape[-1] if (features and v.ndim >= 2) else 0
+    out["features"] = nf
+    if finite.size == 0:
+        for k in ("mean", "std", "min", "max", "absmax", "norm", "zero_fraction", "saturation_fraction"):
+            out[k] = math.nan
+        out["dead_features"] = math.nan
+        return out
+    f64 = finite.astype(np.float64)
+    mag32 = np.abs(finite)  # comparisons happen in float32, like the engine's
+    out["mean"] = f64.mean()
+    out["std"] = f64.std(ddof=1) if finite.size > 1 else 0.0
+    out["min"], out["max"] = f64.min(), f64.max()
+    out["absmax"] = np.abs(f64).max()
+    out["norm"] = math.sqrt(float(np.sum(f64 * f64)))
+    out["zero_fraction"] = np.mean(mag32 <= np.float32(eps))
+    out["saturation_fraction"] = np.mean(mag32 > np.float32(sat))
+    if nf:
+        mag = np.where(np.isfinite(v), np.abs(v), 0.0).reshape(-1, nf)  # non-finite entries never "live"
+        out["dead_features"] = float(np.sum(np.all(mag <= np.float32(eps), axis=0)))
+    else:
+        out["dead_features"] = math.nan
+    return out
+
+
+def assert_matches(got: dict, ref: dict, rtol: float = 2e-5) -> None:
+    assert set(got) == set(STAT_COLUMNS)
+    for key in ("count", "nonfinite", "features"):
+        assert got[key] == ref[key], key
+    scale = ref["absmax"] if ref["absmax"] == ref["absmax"] else 1.0
+    for key in ("mean", "std", "norm"):
+        g, r = got[key], ref[key]
+        if math.isnan(r):
+            assert math.isnan(g), (key, g)
+            continue
+        # float32 accumulation: error relative to the magnitudes summed, not to a cancelling result
+        tol = rtol * abs(r) + 1e-6 * scale + 1e-30
+        assert abs(g - r) <= tol, (key, g, r)
+    for key in ("min", "max", "absmax", "zero_fraction", "saturation_fraction", "dead_features"):
+        g, r = got[key], ref[key]
+        if isinstance(r, float) and math.isnan(r):
+            assert math.isnan(g), (key, g)
+        else:
+            assert g == pytest.approx(r, rel=1e-6, abs=1e-12), (key, g, r)
+
+
+# ---------------------------------------------------------------- property tests
+_special = st_.sampled_from([0.0, -0.0, EPS, -EPS, SAT, -SAT, 1.0, math.nan, math.inf, -math.inf])
+_finite = st_.floats(-1e4, 1e4, width=32)
+_elements = st_.one_of(_finite, _finite, _finite, _special)
+
+
+@settings(derandomize=True, database=None, max_examples=150, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7), elements=_elements
+    )
+)
+def test_matches_reference_any_shape_with_nonfinite(values):
+    got = engine(torch.from_numpy(values.copy()))
+    assert_matches(got, reference(values))
+
+
+@settings(derandomize=True, database=None, max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=6), elements=_finite
+    ),
+    st_.sampled_from(["transpose", "step", "flip_last", "expand"]),
+)
+def test_matches_reference_on_non_contiguous_views(values, layout):
+    base = torch.from_numpy(values.copy())
+    if layout == "transpose":
+        view = base.transpose(0, -1)
+    elif layout == "step":
+        view = base[::2, ..., ::2]
+    elif layout == "flip_last":
+        view = base.flip(-1)[..., 1:]
+    else:
+        view = base[:1].expand(3, *base.shape[1:])
+    got = engine(view)
+    assert_matches(got, reference(view.numpy()))
+    assert torch.equal(base, torch.from_numpy(values)), "the engine must not modify its input"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@settings(derandomize=True, database=None, max_examples=40, deadline=None)
+@given(
+    values=hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6),
+        elements=st_.one_of(st_.floats(-60000, 60000, width=32), _special),
+    )
+)
+def test_half_and_double_inputs_match_the_upcast_values(dtype, values):
+    t = torch.from_numpy(values.copy()).to(dtype)
+    got = engine(t)
+    # reference on the values the tensor really holds, upcast to float32
+    assert_matches(got, reference(t.to(torch.float32).numpy()))
+
+
+# ---------------------------------------------------------------- explicit cases
+def test_empty_tensor_gives_count_zero_and_nan_statistics():
+    for shape in [(0,), (3, 0), (0, 5)]:
+        got = engine(torch.empty(shape))
+        assert got["count"] == 0 and got["nonfinite"] == 0
+        for key in ("mean", "std", "min", "max", "absmax", "norm", "zero_fraction", "saturation_fraction"):
+            assert math.isnan(got[key]), key
+
+
+def test_zero_dim_tensor():
+    got = engine(torch.tensor(-2.5))
+    assert got["count"] == 1 and got["mean"] == -2.5 and got["min"] == got["max"] == -2.5
+    assert got["absmax"] == 2.5 and got["norm"] == 2.5 and got["std"] == 0.0
+    assert math.isnan(got["dead_features"]) and got["features"] == 0
+
+
+def test_all_nan_and_all_inf():
+    for fill in (math.nan, math.inf, -math.inf):
+        got = engine(torch.full((4, 3), fill))
+        assert got["count"] == 12 and got["nonfinite"] == 12
+        assert all(math.isnan(got[k]) for k in ("mean", "std", "min", "max", "absmax", "norm"))
+
+
+def test_positive_values_and_a_nan_min_is_the_finite_min_not_zero():
+    t = torch.tensor([[2.0, 5.0, math.nan], [3.0, math.inf, 7.0]])
+    got = engine(t)
+    assert got["min"] == 2.0 and got["max"] == 7.0 and got["absmax"] == 7.0
+    assert got["nonfinite"] == 2 and got["count"] == 6
+    assert got["mean"] == pytest.approx(17 / 4) and got["zero_fraction"] == 0.0
+    neg = engine(-t)
+    assert neg["max"] == -2.0 and neg["min"] == -7.0
+
+
+def test_large_mean_small_spread_keeps_the_std_accurate():
+    g = torch.Generator().manual_seed(0)
+    for n in (1000, 200_000):
+        t = (1e4 + 1e-2 * torch.randn(n, generator=g)).to(torch.float32)
+        ref = t.double().numpy()
+        got = engine(t, features=False)
+        assert got["std"] == pytest.approx(ref.std(ddof=1), rel=1e-3)
+        assert got["mean"] == pytest.approx(ref.mean(), rel=1e-7)
+        assert got["norm"] == pytest.approx(float(np.linalg.norm(ref)), rel=1e-6)
+
+
+def test_boundaries_eps_is_zero_and_saturation_bound_is_not_saturated():
+    eps, sat = 2.0**-10, 2.0  # exactly representable in every float type used
+    t = torch.tensor([eps, -eps, eps * 1.001, 0.0, sat, -sat, sat * 1.001, -sat * 1.001])
+    got = engine(t, eps=eps, sat=sat, features=False)
+    assert got["zero_fraction"] == 3 / 8  # eps, -eps, 0 (|x| <= eps)
+    assert got["saturation_fraction"] == 2 / 8  # only the ones strictly above the bound
+    # the default eps: the float32 value nearest 1e-8 counts as zero
+    got = engine(torch.tensor([1e-8, -1e-8, 2e-8]), eps=1e-8, features=False)
+    assert got["zero_fraction"] == pytest.approx(2 / 3)
+
+
+def test_zero_and_saturation_fractions_are_of_finite_entries():
+    t = torch.tensor([0.0, 5.0, math.nan, math.nan])
+    got = engine(t, features=False)
+    assert got["zero_fraction"] == 0.5 and got["saturation_fraction"] == 0.5
+
+
+def test_dead_features_over_rows():
+    t = torch.randn(5, 6)
+    t[:, 1] = 0.0
+    t[:, 4] = 1e-9
+    t[2, 4] = math.nan  # a NaN does not make a feature alive
+    got = engine(t)
+    assert got["dead_features"] == 2 and got["features"] == 6
+    # 3-D: rows are all leading positions
+    u = torch.randn(2, 3, 4)
+    u[..., 0] = 0
+    u[1, 2, 0] = 0.5
+    u[..., 3] = 0
+    assert engine(u)["dead_features"] == 1
+    # features off, or 1-D: not counted
+    assert math.isnan(engine(t, features=False)["dead_features"])
+    assert math.isnan(engine(torch.zeros(4))["dead_features"])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_is_summarised_by_its_magnitude(dtype):
+    g = torch.Generator().manual_seed(3)
+    z = torch.complex(torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)).to(dtype)
+    z[0, 0] = 0
+    got = engine(z)
+    assert_matches(got, reference(z.abs().to(torch.float32).numpy()))
+    assert got["min"] >= 0.0
+
+
+def test_integer_bool_and_meta_tensors_are_not_summarisable():
+    assert is_summarisable(torch.ones(2)) and is_summarisable(torch.ones(2, dtype=torch.complex64))
+    assert is_summarisable(torch.ones(2, dtype=torch.bfloat16))
+    for t in (
+        torch.ones(2, dtype=torch.int64),
+        torch.ones(2, dtype=torch.bool),
+        torch.empty(2, device="meta"),
+    ):
+        assert not is_summarisable(t)
+    assert not is_summarisable(3.0) and not is_summarisable(None)
+
+
+def test_input_is_never_modified_and_autograd_is_not_touched():
+    x = torch.tensor([[1.0, math.nan], [math.inf, -4.0]], requires_grad=True)
+    before = x.detach().clone()
+    row = tensor_stats(x, features=True)
+    assert not row.requires_grad
+    assert torch.equal(torch.isnan(x.detach()), torch.isnan(before))
+    assert torch.equal(torch.nan_to_num(x.detach()), torch.nan_to_num(before))
+
+
+def test_finalize_single_finite_entry_has_zero_std():
+    # ddof=1 is undefined for one value; the engine reports 0.0 (documented choice), not NaN
+    got = engine(torch.tensor([math.nan, 4.0, math.inf]), features=False)
+    assert got["std"] == 0.0 and got["mean"] == 4.0 and got["nonfinite"] == 2
+
+
+@pytest.mark.xfail(
+    reason="float32 accumulation: squares of |x| > ~1.8e19 overflow (std/norm become inf); "
+    "reported to the lead, not fixed here",
+    strict=False,
+)
+def test_huge_finite_values_do_not_overflow():
+    t = torch.tensor([1e20, -1e20, 3e20, 1.0])
+    got = engine(t, features=False)
+    ref = reference(t.numpy(), features=False)
+    assert math.isfinite(got["std"]) and got["std"] == pytest.approx(ref["std"], rel=1e-5)
+    assert math.isfinite(got["norm"]) and got["norm"] == pytest.approx(ref["norm"], rel=1e-5)

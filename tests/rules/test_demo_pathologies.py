@@ -1,0 +1,61 @@
+"""`stethoscope demo --pathology NAME`: each injected problem produces its critical finding on the right
+target, and the healthy demo produces no warning or critical finding.
+
+The expected targets are the demo's own (``Pathology.expected`` / ``Pathology.target`` in
+``stethoscope/demo/pathologies.py``); short runs (``--steps``) keep this fast. With 16 steps the
+mid-run onsets (``exploding``, ``nan``) fall at step 8, inside the default sampling warm-up.
+"""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+import stethoscope as st
+from stethoscope.cli import app
+from stethoscope.demo.pathologies import PATHOLOGIES, get_pathology
+from tests.rules._helpers import alarms, describe
+
+STEPS = 16
+
+
+def run_cli(tmp_path, pathology: str) -> st.Run:
+    out = tmp_path / pathology
+    result = CliRunner().invoke(
+        app, ["demo", "--pathology", pathology, "--steps", str(STEPS), "--out", str(out), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    return st.load_run(out)
+
+
+def under(target: str | None, place: str) -> bool:
+    """``target`` is ``place`` or a module/parameter inside it ("" is the root: only "" itself)."""
+    if target is None:
+        return False
+    if place == "":
+        return target == ""
+    return target == place or target.startswith(place + ".")
+
+
+def test_healthy_demo_is_silent(tmp_path):
+    run = run_cli(tmp_path, "none")
+    assert not alarms(run), describe(run)
+    assert run.meta["verdict"]["status"] == "healthy"
+
+
+@pytest.mark.parametrize("name", [n for n in PATHOLOGIES if n != "none"])
+def test_pathology_produces_its_critical_finding(tmp_path, name):
+    path = get_pathology(name)
+    run = run_cli(tmp_path, name)
+    critical = [
+        f
+        for f in run.findings
+        if f.severity == "critical" and f.code in path.expected and under(f.target, path.target)
+    ]
+    assert critical, f"no critical {list(path.expected)} on {path.target!r}:\n{describe(run)}"
+    for code, targets in path.expected.items():
+        got = {f.target for f in run.findings if f.code == code and f.severity in ("warning", "critical")}
+        assert set(targets) <= got, f"{code}: expected {targets}, got {got}\n{describe(run)}"
+    first = min(f.first_step for f in critical)
+    assert first >= path.onset(STEPS)  # nothing is "found" before it exists
+    assert run.meta["verdict"]["status"] == "critical"
