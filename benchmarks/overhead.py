@@ -7,13 +7,15 @@ Each round times one step of every variant in a shuffled order on its own copy o
 in machine speed hits all variants alike; the ratio of a variant is taken against the baseline step of
 the same round. Printed: the median ratio with a bootstrap 95 % interval.
 
-  (a) monitor attached, unsampled step (heartbeat only)
+  (a) monitor attached, unsampled step (heartbeat only), hang watchdog on (the default)
+  (a0) the same with the watchdog off: (a) / (a0) is the watchdog's own cost (issue 4: <= 1.02)
   (b) sampled step: statistics of every module output, linear input, gradient and update ratio
       (including the flush that brings them to the host and writes them)
   (c) the default schedule amortized over a long run: ((every - 1) * a + b) / every
   (d) hand-written reference: a forward hook on every module calling ``.item()`` per statistic
       (mean, std, min, max, zero fraction)
   (e) ``wandb.watch(model, log="all", log_freq=1)`` offline, when wandb is installed
+  (t) trace mode (``st.Trace``, in memory) around forward + backward: every module call recorded
 
 Usage: python benchmarks/overhead.py [--rounds 30] [--threads 2]
 """
@@ -82,12 +84,16 @@ def main() -> None:
 
     set_console(Console(file=io.StringIO()))  # keep the benchmark output to the table
     base = build()
-    variants = {"baseline": base, "a": copy.deepcopy(base), "b": copy.deepcopy(base), "d": copy.deepcopy(base)}
+    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "b": copy.deepcopy(base),
+                "d": copy.deepcopy(base), "t": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-4) for k, m in variants.items()}
     tmp = tempfile.mkdtemp(prefix="stethoscope-bench-")
     # One monitor per instrumented model; the schedule decides sampled (b) or not (a).
     mon_a = st.Monitor(variants["a"], optimizer=opts["a"], run_dir=f"{tmp}/a", schedule=lambda s: False)
     mon_b = st.Monitor(variants["b"], optimizer=opts["b"], run_dir=f"{tmp}/b", schedule=lambda s: True)
+    mon_a0 = st.Monitor(variants["a0"], optimizer=opts["a0"], run_dir=f"{tmp}/a0", schedule=lambda s: False,
+                        config={"watchdog": {"enabled": False}})
+    assert mon_a._watchdog is not None and mon_a0._watchdog is None
     item_hooks(variants["d"])
 
     wandb_run = None
@@ -112,8 +118,8 @@ def main() -> None:
         i = steps[kind]
         steps[kind] += 1
         t0 = time.perf_counter()
-        if kind in ("a", "b"):
-            mon = mon_a if kind == "a" else mon_b
+        if kind in ("a", "a0", "b"):
+            mon = {"a": mon_a, "a0": mon_a0, "b": mon_b}[kind]
             with mon.step(i):
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
@@ -121,6 +127,12 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
             mon.log(loss=loss)
             mon.flush()
+        elif kind == "t":
+            with st.Trace(model):
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         else:
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
@@ -142,6 +154,7 @@ def main() -> None:
         for k in order:
             times[k].append(run(k, batches[r % len(batches)]))
     mon_a.close()
+    mon_a0.close()
     mon_b.close()
     if wandb_run is not None:
         wandb_run.finish()
@@ -152,10 +165,12 @@ def main() -> None:
     print(f"baseline step: median {np.median(base_t) * 1e3:.1f} ms")
     print(f"{'variant':58s} {'median':>7s}  95% CI")
     rows = [
-        ("(a) monitor attached, unsampled step", "a"),
+        ("(a) monitor attached, unsampled step (watchdog on)", "a"),
+        ("(a0) monitor attached, unsampled step, watchdog off", "a0"),
         ("(b) sampled step, every module/parameter/update + flush", "b"),
         ("(d) hand-written .item() hooks, 5 statistics", "d"),
         ("(e) wandb.watch(log='all', log_freq=1)", "e"),
+        ("(t) trace mode (st.Trace) around forward + backward", "t"),
     ]
     ratios = {}
     for label, k in rows:
@@ -168,6 +183,9 @@ def main() -> None:
     amort = ((every - 1) * ratios["a"] + ratios["b"]) / every
     med, lo, hi = bootstrap(amort)
     label = f"(c) default schedule amortized (every={every})"
+    print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
+    med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["a0"]))
+    label = "watchdog on, no stall: (a) / (a0) step time"
     print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
 
 

@@ -25,6 +25,8 @@ _EXPORTS = {
     "RunDirError": "stethoscope.errors",
     "StethoscopeError": "stethoscope.errors",
     "Monitor": "stethoscope.monitor",
+    "Trace": "stethoscope.trace",
+    "HangError": "stethoscope.watchdog",
     "Run": "stethoscope.run",
     "load_run": "stethoscope.run",
 }
@@ -33,12 +35,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "CriticalFindingError",
+    "HangError",
     "Monitor",
     "MonitorClosedError",
     "MonitorUsageError",
     "Run",
     "RunDirError",
     "StethoscopeError",
+    "Trace",
     "__version__",
     "load_config",
     "load_run",
@@ -56,6 +60,8 @@ if TYPE_CHECKING:
     )
     from stethoscope.monitor import Monitor
     from stethoscope.run import Run, load_run
+    from stethoscope.trace import Trace
+    from stethoscope.watchdog import HangError
 
 
 def __getattr__(name: str) -> Any:

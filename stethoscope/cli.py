@@ -65,10 +65,10 @@ def findings(
                "findings": [f.as_dict() for f in run.findings]}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
+        from stethoscope.report import build
+
         console = get_console()
-        verdict = run.verdict
-        console.print(f"verdict: {verdict['status']} ({verdict['counts']['critical']} critical, "
-                      f"{verdict['counts']['warning']} warning, {verdict['counts']['info']} info)")
+        console.print(f"verdict: {build(run, findings_only=True).verdict_line}")  # the report's own words
         if run.findings:
             console.print(findings_table(run))
         else:
@@ -83,11 +83,46 @@ def findings(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory written by the monitor")],
 ) -> None:
-    """Write report.md for a run directory."""
+    """Write report.html (one self-contained page) and report.md for a run directory."""
+    from rich.markup import escape
+
     from stethoscope.report import write_report
 
     path = write_report(run_dir)
-    get_console().print(f"report: {path}")
+    console = get_console()
+    console.print(f"report: {escape(str(path.with_name('report.html')))}", soft_wrap=True)
+    console.print(f"report: {escape(str(path))}", soft_wrap=True)
+
+
+@app.command()
+def trace(
+    model_dir: Annotated[Path, typer.Argument(help="a local Hugging Face checkpoint folder (save_pretrained)")],
+    text: Annotated[str, typer.Option("--text", help="the input text of the forward pass")],
+    depth: Annotated[int | None, typer.Option(help="module nesting levels printed (default: trace.depth, 4)")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="next-token predictions shown for language models")] = 5,
+    repeats: Annotated[int | None, typer.Option(help="consecutive calls of one module class printed before "
+                                                     "folding (default: trace.repeats, 2)")] = None,
+    stats: Annotated[bool, typer.Option("--stats", help="cheap output statistics in the tree and trace.jsonl")] = False,
+    out: Annotated[Path | None, typer.Option(help="folder for trace.jsonl (default: stethoscope-runs/trace-<time>)")] = None,
+    warmup: Annotated[int, typer.Option(help="untraced forward passes first, so times show steady state")] = 0,
+    attention: Annotated[bool, typer.Option("--attention", help="step-by-step attention logs (attention "
+                                                                "introspection)")] = False,
+) -> None:
+    """One traced forward pass of a local checkpoint: module tree, times, parameters, top-k next tokens."""
+    import importlib.util
+
+    from stethoscope.hf_loading import trace_checkpoint
+
+    console = get_console()
+    if attention:
+        if importlib.util.find_spec("stethoscope.attention") is None:
+            console.print("--attention: attention introspection is not available yet in this version; "
+                          "tracing without it", soft_wrap=True)
+        else:
+            console.print("--attention: attention introspection is installed but not wired into "
+                          "`stethoscope trace` yet; tracing without it", soft_wrap=True)
+    trace_checkpoint(model_dir, text, depth=depth, top_k=top_k, repeats=repeats, stats=stats or None, out=out,
+                     warmup=warmup, console=console)
 
 
 def _mount_optional() -> None:

@@ -91,6 +91,16 @@ class WatchdogConfig(StrictModel):
     first_call_stall_seconds: float = Field(1800.0, gt=0.0)
     repeat_seconds: float = Field(300.0, gt=0.0)
     on_stall: Literal["dump", "raise", "exit"] = "dump"
+    signal: bool = Field(True, description="SIGUSR1 writes a hang dump on demand (main thread, POSIX)")
+
+
+class TraceConfig(StrictModel):
+    """Trace mode's tree: how deep and how many repeated calls are printed (see docs/trace.md)."""
+
+    depth: int = Field(4, ge=0, description="module nesting levels printed; deeper calls are folded")
+    repeats: int = Field(2, ge=1, description="consecutive calls of one module class printed before folding")
+    stats: bool = Field(False, description="mean, std, abs-max and finiteness of every output in trace.jsonl")
+    profile: bool = Field(True, description="the monitor times every module on sampled steps (profile.json)")
 
 
 class AttentionConfig(StrictModel):
@@ -133,6 +143,7 @@ class Config(StrictRootModel):
     thresholds: list[ThresholdOverride] = Field(default_factory=list)
     rules: RulesConfig = Field(default_factory=RulesConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    trace: TraceConfig = Field(default_factory=TraceConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)

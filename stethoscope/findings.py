@@ -7,6 +7,8 @@ event is written only when it gets worse (higher severity, or a value further pa
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,17 @@ def finding_id(code: str, target: str | None, rank: int | None = None) -> str:
     """The stable identity of a finding: one per (code, target[, rank])."""
     base = f"{code}:{target or '-'}"
     return base if rank is None else f"{base}@rank{rank}"
+
+
+def _locked(fn: Callable) -> Callable:
+    """Serialise a FindingLog method: the watchdog thread reports findings too."""
+
+    @functools.wraps(fn)
+    def wrapper(self: FindingLog, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -69,6 +82,7 @@ class FindingLog:
         self.counts = {s: 0 for s in SEVERITIES}  # findings ever opened, by their worst severity
         self._worst: dict[str, str] = {}  # id -> worst severity seen (for the counts)
         self.recent: list[dict] = []  # events since the console last asked
+        self._lock = threading.RLock()
 
     def _emit(self, event: str, f: OpenFinding, step: int | None, value: Any) -> dict:
         record = {
@@ -102,6 +116,7 @@ class FindingLog:
         self.counts[f.severity] += 1
         self._worst[f.id] = f.severity
 
+    @_locked
     def report(
         self,
         code: str,
@@ -150,6 +165,7 @@ class FindingLog:
             self._on_open(record)
         return record
 
+    @_locked
     def clear(self, code: str, target: str | None, step: int | None, value: Any = None) -> dict | None:
         """Say that a condition no longer holds; writes a ``close`` event if the finding was open."""
         fid = finding_id(code, target, self.rank)
@@ -161,6 +177,7 @@ class FindingLog:
     def is_open(self, code: str, target: str | None) -> bool:
         return finding_id(code, target, self.rank) in self.open
 
+    @_locked
     def take_recent(self) -> list[dict]:
         out, self.recent = self.recent, []
         return out
@@ -176,6 +193,7 @@ class FindingLog:
             status = "healthy"
         return {"status": status, "counts": counts}
 
+    @_locked
     def state_dict(self) -> dict:
         return {
             "open": {k: vars(v) | {"data": dict(v.data)} for k, v in self.open.items()},
@@ -183,6 +201,7 @@ class FindingLog:
             "worst": dict(self._worst),
         }
 
+    @_locked
     def load_state_dict(self, state: dict) -> None:
         self.open = {k: OpenFinding(**v) for k, v in state.get("open", {}).items()}
         self.counts = {s: int(state.get("counts", {}).get(s, 0)) for s in SEVERITIES}

@@ -191,6 +191,12 @@ class Monitor:
         self._console = get_console()
         self._quiet = cfg.console.quiet
         self._logged_lines = 0
+        self._profile = None
+        if cfg.trace.profile:
+            from stethoscope.trace import ModuleProfile
+
+            self._profile = ModuleProfile()  # module times on sampled steps (profile.json)
+        self._watchdog = None
 
         self._param_names = {}
         grad_filter = make_filter(patterns(cfg.stats.parameters))
@@ -217,6 +223,14 @@ class Monitor:
             if state:
                 self.load_state_dict(state)
         self._write_meta("running")
+        if cfg.watchdog.enabled:
+            from stethoscope.watchdog import Watchdog
+
+            self._watchdog = Watchdog(
+                self.heartbeat, self.findings, self.run_dir, cfg.watchdog,
+                console=None if self._quiet else self._console,
+                before_exit=lambda error: self._write_meta("crashed", error=error),
+            ).start()
 
     # ------------------------------------------------------------------ attaching
     def _attach_modules(self, model: nn.Module) -> None:
@@ -262,10 +276,19 @@ class Monitor:
                 return None
             hb.enter(name)
             mon = ref()
-            if mon is None or not mon._sampling_now or not wants_stats:
+            if mon is None or not mon._sampling_now:
+                return None
+            prof = mon._profile
+            if not wants_stats:
+                if prof is not None:
+                    prof.enter(name, hb.stamp)
                 return None
             mon._guard(f"forward pre-hook of {name or '<model>'}", mon._on_inputs, name, args, kwargs,
                        is_linear)
+            if prof is not None:  # the statistics' own time is not the module's
+                now = time.monotonic()
+                prof.discount(now - hb.stamp)
+                prof.enter(name, now)
             return None
 
         return pre_hook
@@ -279,9 +302,16 @@ class Monitor:
                 return None
             hb.exit(name)
             mon = ref()
-            if mon is None or not mon._sampling_now or not wants_stats:
+            if mon is None or not mon._sampling_now:
+                return None
+            prof = mon._profile
+            if prof is not None:
+                prof.exit(name, hb.stamp)
+            if not wants_stats:
                 return None
             mon._guard(f"forward hook of {name or '<model>'}", mon._on_output, name, output)
+            if prof is not None:
+                prof.discount(time.monotonic() - hb.stamp)
             return None
 
         return post_hook
@@ -512,6 +542,8 @@ class Monitor:
             if self._sampled and not self._grads_read:
                 self._guard("reading gradients at the end of the step", self._read_grads)
             self._sampling_now = False
+            if self._sampled and self._profile is not None:
+                self._profile.end_step()
             self._pending = {"step": step, "sampled": self._sampled, "missing": list(self._missing)}
             self._dedup = {}
             if failed is not None and not isinstance(failed, GeneratorExit):
@@ -850,6 +882,10 @@ class Monitor:
             status = "crashed" if getattr(self, "_crash_error", None) else "finished"
         self._closed = True
         stop_error = None
+        if self._watchdog is not None:  # before the findings file closes; a resolved stall is closed
+            self._guard("stopping the watchdog", self._watchdog.stop, status != "crashed")
+        if self._profile is not None and self._profile.steps:
+            self._guard("writing profile.json", self._profile.write, self.run_dir)
         try:
             try:
                 self._flush(final=True)
@@ -878,6 +914,10 @@ class Monitor:
             raise stop_error
 
     def _detach(self) -> None:
+        watchdog, self._watchdog = getattr(self, "_watchdog", None), None
+        if watchdog is not None:
+            with contextlib.suppress(Exception):
+                watchdog.stop(resolve=False)
         for handle in self._handles:
             with contextlib.suppress(Exception):
                 handle.remove()

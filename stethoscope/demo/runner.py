@@ -149,7 +149,7 @@ def run_demo(
     """Train the demo model with a :class:`stethoscope.Monitor` attached; return the run directory.
 
     Args:
-        steps: optimizer steps (300 takes about a minute on two CPU cores).
+        steps: optimizer steps (the default 300 take ~35 s of CPU time, monitor included).
         out: the run directory; default ``stethoscope-runs/demo[-PATHOLOGY]-YYYYmmdd-HHMMSS``. A non-empty
             folder is refused (:class:`~stethoscope.errors.RunDirError`, raised by the monitor).
         pathology: ``none`` or one of :data:`stethoscope.demo.pathologies.PATHOLOGIES`.

@@ -76,6 +76,8 @@ class ActDeadFeatures(_Smoothed):
         step = record.step
         seen: set[tuple] = set()
         prev = producers(record)
+        # a linear layer fed nothing but zeros outputs its bias: the units upstream are the dead ones
+        zero_fed = {key[0] for key, rec in record.inputs.items() if rec.stats.zero_fraction >= 0.999}
         for name, recs in first_outputs(record.acts).items():
             best = None
             for rec in recs:
@@ -91,7 +93,7 @@ class ActDeadFeatures(_Smoothed):
                 frac = st.dead_features / st.features
                 if best is None or frac > best[0]:
                     best = (frac, rec)
-            if best is None or self._zero_weights(name, record) or self._dead_input(name, record):
+            if best is None or name in zero_fed or self._zero_weights(name, record):
                 continue
             frac, rec = best
             value = self.smooth(name, step, frac)
@@ -102,14 +104,6 @@ class ActDeadFeatures(_Smoothed):
                 message=lambda name=name, rec=rec, v=value: self._message(name, rec, v),
                 hint=lambda name=name: self._hint(name, prev.get(name)),
             )
-
-    @staticmethod
-    def _dead_input(module: str, record: StepRecord) -> bool:
-        """A linear layer fed nothing but zeros outputs its bias: the units upstream are the dead ones."""
-        for (name, _output, _call), rec in record.inputs.items():
-            if name == module:
-                return rec.stats.zero_fraction >= 0.999
-        return False
 
     def _zero_weights(self, module: str, record: StepRecord) -> bool:
         own = self.info.params_of(module)

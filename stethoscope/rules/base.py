@@ -273,7 +273,11 @@ class Rule:
         self.emit(target, "info", value, None, step, message, "nothing to fix: this is expected")
 
     def settle(self, step: int | None) -> None:
-        """Write this step's judged findings: updates of open ones, then new ones worst first up to the cap."""
+        """Write this step's judged findings: updates of open ones, then new ones worst first up to the cap.
+
+        A finding that opens while a run-wide problem is open (``ctx.shared["cause"]``: a gradient-norm
+        explosion, a NaN in the forward pass) says so in its message and in ``data.after``.
+        """
         if not self._candidates:
             return
         candidates, self._candidates = self._candidates, []
@@ -281,12 +285,16 @@ class Rule:
         open_now = set(self.open_targets())
         room = max(0, self.settings.max_open - len(open_now))
         dropped = []
+        cause = self.ctx.shared.get("cause")
         for sev, _bad, target, value, th, message, hint, data in candidates:
             if target not in open_now:
                 if room <= 0:
                     dropped.append(target)
                     continue
                 room -= 1
+                if cause and cause["code"] != self.code:
+                    message = _after(message, cause)
+                    data = {**(data or {}), "after": cause["code"], "after_step": cause["step"]}
             level = th.level(sev)
             self.emit(
                 target,
@@ -352,6 +360,14 @@ def registered_rules() -> dict[str, type[Rule]]:
 
 
 # ---------------------------------------------------------------------- small helpers
+def _after(message: Text, cause: dict) -> Callable[[], str]:
+    """A message that says it opened while a run-wide problem was already open (likely its consequence)."""
+    return lambda: (
+        f"{_text(message)}. It opened while {cause['what']} (`{cause['code']}`, since step "
+        f"{cause['step']}) was open: probably a consequence — fix that first"
+    )
+
+
 def _text(t: Text) -> str:
     return t() if callable(t) else str(t)
 

@@ -245,7 +245,7 @@ class GradNonfinite(Rule):
     """
 
     code = "grad.nonfinite"
-    order = 12
+    order = 4
     thresholds: ClassVar[dict[str, Threshold]] = {"grad.nonfinite": Threshold(1, 1)}
     summary = "NaN or Inf in a parameter's gradient"
     SCALER_PATIENCE = 3
@@ -332,7 +332,7 @@ class GradNormSpike(Rule):
     """
 
     code = "grad.norm_spike"
-    order = 13
+    order = 5  # before the per-parameter rules, so their findings can say they follow a spike
     thresholds: ClassVar[dict[str, Threshold]] = {"grad.norm_spike": Threshold(10.0, 100.0)}
     summary = "global gradient norm spikes against its running median"
     SUSTAINED = 5  # a spike that lasts this many sampled steps in a row is critical whatever its size
@@ -346,6 +346,7 @@ class GradNormSpike(Rule):
         self.baseline = SpikeDetector(factor, window=self.settings.window, min_history=1)
         self.param_norms = Series(self.settings.window)
         self.episode: str | None = None  # "" while a spike is open
+        self.since: int | None = None  # the step it opened
         self.streak = 0  # sampled steps in a row above the warning level
 
     def check(self, record: StepRecord) -> None:
@@ -364,7 +365,11 @@ class GradNormSpike(Rule):
             if self.episode is not None and (ratio != ratio or th.healthy(ratio, self.clear_factor)):
                 self.release(self.episode, step, ratio)
                 self.episode = None
+                self.ctx.shared.pop("cause", None)
             return
+        if self.episode is None:
+            self.since = step
+            self._announce()
         self.episode = ""
         self.streak += 1
         sustained = self.streak >= self.SUSTAINED
@@ -395,6 +400,14 @@ class GradNormSpike(Rule):
             data={"grad_norm": gn, "median": med, "culprit": culprit, "culprit_ratio": own},
         )
 
+    def _announce(self) -> None:
+        """Tell the other rules a run-wide problem is open: what opens now is likely its consequence."""
+        self.ctx.shared["cause"] = {
+            "code": self.code,
+            "step": self.since,
+            "what": "a gradient-norm explosion",
+        }
+
     def _own_ratio(self, name: str, record: StepRecord) -> float:
         rec = record.grads.get(name)
         base = median(self.param_norms.values(name))
@@ -416,6 +429,7 @@ class GradNormSpike(Rule):
             "params": self.param_norms.state_dict(),
             "episode": self.episode,
             "streak": self.streak,
+            "since": self.since,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -423,6 +437,9 @@ class GradNormSpike(Rule):
         self.param_norms.load_state_dict(state.get("params", {}))
         self.episode = state.get("episode")
         self.streak = int(state.get("streak", 0))
+        self.since = state.get("since")
+        if self.episode is not None:
+            self._announce()
 
 
 def peer_key(name: str) -> str:

@@ -152,7 +152,14 @@ class ModelInfo:
         return activation_kind(self.module_types.get(module, ""))
 
     def params_of(self, module: str) -> list[str]:
-        return [p.name for p in self.params.values() if p.owner == module]
+        """The trainable parameters ``module`` registers itself (not its children's)."""
+        by_owner = self.__dict__.get("_by_owner")
+        if by_owner is None or by_owner[0] != len(self.params):
+            index: dict[str, list[str]] = {}
+            for p in self.params.values():
+                index.setdefault(p.owner, []).append(p.name)
+            by_owner = self.__dict__["_by_owner"] = (len(self.params), index)
+        return by_owner[1].get(module, [])
 
     @classmethod
     def inspect(cls, model: Any, optimizer: Any = None, scaler: bool = False) -> ModelInfo:

@@ -58,6 +58,8 @@ class NumericsNonfinite(Rule):
             if self.episode is not None:
                 self.release(self.episode, step, 0)
                 self.episode = None
+                if self.ctx.shared.get("cause", {}).get("code") == self.code:
+                    self.ctx.shared.pop("cause")
             if self.is_open(None):
                 self.release(None, step, 0)
             return
@@ -71,6 +73,7 @@ class NumericsNonfinite(Rule):
                 return  # every non-finite output had non-finite inputs: born before the watched modules
             self.episode = origin[0]
             self.open_step = step
+            self._announce()
         target = self.episode
         self.ctx.shared["nonfinite_origin"] = target if target else "<model>"
         nf = origin[3] if origin is not None and origin[0] == target else max(c[3] for c in calls)
@@ -90,6 +93,11 @@ class NumericsNonfinite(Rule):
                 "first_nonfinite_loss_step": self.first_bad_loss,
             },
         )
+
+    def _announce(self) -> None:
+        """Tell the other rules a NaN episode is open: what opens now is likely its consequence."""
+        what = f"a NaN/Inf born in `{self.episode or '<model>'}`"
+        self.ctx.shared["cause"] = {"code": self.code, "step": self.open_step, "what": what}
 
     def _weights_nonfinite(self, module: str, record: StepRecord) -> bool:
         for p in self.info.params_of(module):
@@ -157,3 +165,5 @@ class NumericsNonfinite(Rule):
         self.episode = state.get("episode")
         self.open_step = state.get("open_step")
         self.first_bad_loss = state.get("first_bad_loss")
+        if self.episode is not None:
+            self._announce()

@@ -2,8 +2,9 @@
 target, and the healthy demo produces no warning or critical finding.
 
 The expected targets are the demo's own (``Pathology.expected`` / ``Pathology.target`` in
-``stethoscope/demo/pathologies.py``); short runs (``--steps``) keep this fast. With 16 steps the
-mid-run onsets (``exploding``, ``nan``) fall at step 8, inside the default sampling warm-up.
+``stethoscope/demo/pathologies.py``); short runs (``--steps``) keep this fast. The mid-run onsets
+(``exploding``, ``nan``: ``steps // 2``) fall inside the default sampling warm-up; ``exploding`` gets enough
+steps after its onset for the spike to be seen to last (critical after 5 sampled steps in a row).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from stethoscope.cli import app
 from stethoscope.demo.pathologies import PATHOLOGIES, get_pathology
 from tests.rules._helpers import alarms, describe
 
-STEPS = 16
+STEPS = {"none": 16, "dead-relu": 4, "vanishing": 4, "unused-param": 4, "nan": 8, "exploding": 12}
 
 
 def run_cli(tmp_path, pathology: str) -> st.Run:
     out = tmp_path / pathology
+    steps = str(STEPS[pathology])
     result = CliRunner().invoke(
-        app, ["demo", "--pathology", pathology, "--steps", str(STEPS), "--out", str(out), "--quiet"]
+        app, ["demo", "--pathology", pathology, "--steps", steps, "--out", str(out), "--quiet"]
     )
     assert result.exit_code == 0, result.output
     return st.load_run(out)
@@ -57,5 +59,5 @@ def test_pathology_produces_its_critical_finding(tmp_path, name):
         got = {f.target for f in run.findings if f.code == code and f.severity in ("warning", "critical")}
         assert set(targets) <= got, f"{code}: expected {targets}, got {got}\n{describe(run)}"
     first = min(f.first_step for f in critical)
-    assert first >= path.onset(STEPS)  # nothing is "found" before it exists
+    assert first >= path.onset(STEPS[name])  # nothing is "found" before it exists
     assert run.meta["verdict"]["status"] == "critical"

@@ -251,3 +251,20 @@ def test_no_reference_to_the_model_after_close(tmp_path):
     gc.collect()
     assert ref() is None and oref() is None
     assert mon._rules  # the rules are still there, holding plain data only
+
+
+def test_documented_configuration_examples_are_valid():
+    """The YAML examples in docs/rules.md and docs/configuration.md load (they name real keys and rules)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    blocks = []
+    for page in ("rules.md", "configuration.md", "findings.md"):
+        text = (docs / page).read_text(encoding="utf-8")
+        blocks += [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "thresholds:" in b]
+    assert len(blocks) >= 3
+    for block in blocks:
+        st.load_config(yaml.safe_load(block))

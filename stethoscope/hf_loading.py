@@ -1,0 +1,206 @@
+"""Load a local Hugging Face checkpoint (model and tokenizer from one folder), offline.
+
+Kept apart from the core engine: ``transformers`` is imported only when a function here is called. Nothing is
+downloaded: ``HF_HUB_OFFLINE=1`` is set and every ``from_pretrained`` call gets ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stethoscope.errors import MissingDependencyError, StethoscopeError
+
+# Architecture names whose output has next-token logits.
+_LM_SUFFIXES = ("LMHeadModel", "ForCausalLM")
+
+
+@dataclass
+class LocalCheckpoint:
+    """A model and tokenizer loaded from ``path``; ``is_lm`` when the model predicts next tokens."""
+
+    path: Path
+    model: Any
+    tokenizer: Any
+    is_lm: bool
+    architecture: str
+
+
+def _transformers() -> Any:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network from here
+    try:
+        import transformers
+    except ImportError as e:
+        raise MissingDependencyError("transformers", "hf", "loading a Hugging Face checkpoint") from e
+    with contextlib.suppress(Exception):  # one traced pass: no "Loading weights" progress bar
+        transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def load_local(path: str | Path) -> LocalCheckpoint:
+    """Load the model (with its language-model head when the config names one) and tokenizer in ``path``.
+
+    Raises:
+        StethoscopeError: the folder, its ``config.json``, its weights or its tokenizer is missing or
+            unreadable (the message says which and what to do).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise StethoscopeError(
+            f"MODEL_DIR {str(folder)!r} is not a folder; pass the folder that holds the "
+            "checkpoint's config.json (as written by save_pretrained)"
+        )
+    if not (folder / "config.json").is_file():
+        raise StethoscopeError(
+            f"{str(folder)!r} has no config.json; pass a folder written by "
+            "model.save_pretrained(...) (stethoscope never downloads models)"
+        )
+    tf = _transformers()
+    try:
+        config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise StethoscopeError(f"could not read {folder / 'config.json'}: {exc}") from exc
+    archs = list(getattr(config, "architectures", None) or [])
+    is_lm = any(a.endswith(_LM_SUFFIXES) for a in archs)
+    auto = tf.AutoModelForCausalLM if is_lm else tf.AutoModel
+    try:
+        model = auto.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise StethoscopeError(
+            f"could not load the model in {str(folder)!r} with {auto.__name__}: {exc}"
+        ) from exc
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise StethoscopeError(
+            f"could not load a tokenizer from {str(folder)!r} ({type(exc).__name__}: {exc}); save one beside the "
+            "model with tokenizer.save_pretrained(MODEL_DIR)"
+        ) from exc
+    model.eval()
+    return LocalCheckpoint(folder, model, tokenizer, is_lm, archs[0] if archs else type(model).__name__)
+
+
+def encode(checkpoint: LocalCheckpoint, text: str) -> dict:
+    """Tokenise ``text`` into the keyword arguments the model's ``forward`` accepts."""
+    batch = checkpoint.tokenizer(text, return_tensors="pt")
+    try:
+        accepted = set(inspect.signature(checkpoint.model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        accepted = {"input_ids", "attention_mask"}
+    if checkpoint.is_lm:  # a causal LM built with another family's tokenizer may not know token types
+        accepted &= {"input_ids", "attention_mask"}
+    return {k: v for k, v in batch.items() if k in accepted}
+
+
+def top_k_next(checkpoint: LocalCheckpoint, output: Any, k: int) -> list[dict]:
+    """The ``k`` most likely next tokens after the last position: token, id, probability."""
+    import torch
+
+    logits = output["logits"] if isinstance(output, dict) or hasattr(output, "keys") else output[0]
+    probs = torch.softmax(logits[0, -1].float(), dim=-1)
+    values, ids = probs.topk(min(k, probs.numel()))
+    return [
+        {"id": int(i), "token": checkpoint.tokenizer.decode([int(i)]), "prob": float(p)}
+        for p, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
+
+
+def trace_checkpoint(
+    model_dir: str | Path,
+    text: str,
+    *,
+    depth: int | None = None,
+    top_k: int = 5,
+    repeats: int | None = None,
+    stats: bool | None = None,
+    out: str | Path | None = None,
+    warmup: int = 0,
+    console: Any = None,
+) -> dict:
+    """``stethoscope trace``: one traced forward pass of a local checkpoint, printed and written to trace.jsonl.
+
+    Returns a summary dict (``trace_path``, ``top_k`` — None without a language-model head —, ``modules``).
+    """
+    import datetime as _dt
+
+    import torch
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stethoscope.config import TraceConfig
+    from stethoscope.console import get_console
+    from stethoscope.trace import TRACE, Trace, _count
+
+    defaults = TraceConfig()
+    depth = defaults.depth if depth is None else depth
+    repeats = defaults.repeats if repeats is None else repeats
+    stats = defaults.stats if stats is None else stats
+    if top_k < 0 or depth < 0 or repeats < 1 or warmup < 0:
+        raise StethoscopeError(
+            f"--top-k and --depth must be >= 0 and --repeats >= 1 (got {top_k}, {depth}, {repeats})"
+        )
+    console = console or get_console()
+    ckpt = load_local(model_dir)
+    inputs = encode(ckpt, text)
+    if out is None:
+        out = Path("stethoscope-runs") / f"trace-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(out) / TRACE
+    with torch.no_grad():
+        for _ in range(warmup):  # untraced passes first: times then show steady state, not first-call costs
+            ckpt.model(**inputs)
+    with torch.no_grad(), Trace(ckpt.model, path, stats=stats) as tr:
+        output = ckpt.model(**inputs)
+    n_tokens = int(inputs["input_ids"].shape[-1]) if "input_ids" in inputs else 0
+    total = tr.params.get("", 0)
+    console.print(
+        f"[bold]{escape(ckpt.architecture)}[/] from {escape(str(ckpt.path))} · {_count(total)} parameters · "
+        f"{n_tokens} tokens · {tr.events} events",
+        soft_wrap=True,
+    )
+    console.print(tr.tree(depth=depth, repeats=repeats))
+
+    times = tr.module_times()
+    table = Table(title="slowest modules (self time, without child modules)", title_justify="left")
+    for col in ("module", "class", "calls", "self ms", "total ms", "params"):
+        table.add_column(
+            col,
+            justify="right" if col in ("calls", "self ms", "total ms", "params") else "left",
+            overflow="fold",
+        )
+    for row in times[:10]:
+        table.add_row(
+            escape(row["name"] or "<model>"),
+            escape(row["class"]),
+            str(row["calls"]),
+            f"{row['self_ms']:.2f}",
+            f"{row['ms']:.2f}",
+            _count(row["params"]),
+        )
+    console.print(table)
+
+    children = [(n, c) for n, c in tr.params.items() if n and "." not in n]
+    if children:
+        parts = ", ".join(f"{escape(n)} {_count(c)}" for n, c in children)
+        console.print(f"parameters: {_count(total)} in all · {parts}", soft_wrap=True)
+
+    predictions = None
+    if ckpt.is_lm and top_k > 0:
+        predictions = top_k_next(ckpt, output, top_k)
+        table = Table(title=f"top-{top_k} next tokens after {text[-40:]!r}", title_justify="left")
+        for col in ("rank", "token", "id", "prob"):
+            table.add_column(col)
+        for i, p in enumerate(predictions, 1):
+            table.add_row(str(i), escape(repr(p["token"])), str(p["id"]), f"{p['prob']:.4f}")
+        console.print(table)
+    elif not ckpt.is_lm:
+        console.print(
+            f"no next-token predictions: {escape(ckpt.architecture)} has no language-model head "
+            "(its config names no *LMHeadModel / *ForCausalLM architecture)",
+            soft_wrap=True,
+        )
+    console.print(f"trace: {escape(str(path))}", soft_wrap=True)
+    return {"trace_path": path, "top_k": predictions, "modules": times, "is_lm": ckpt.is_lm}

@@ -1,0 +1,80 @@
+"""The run report: ``report.html`` (one self-contained page) and ``report.md`` (its Markdown twin).
+
+``write_report(run_dir)`` writes both, from one model of the report's content (:mod:`.content`) that the
+console summary shares (:mod:`.summary`): the verdict, the run's facts, the findings most severe first with
+their hints, and a section per kind of data the run recorded — training curves, gradients, activations,
+update ratios, attention, memory, timing, hang and crash dumps — each only when its data exists.
+
+Example:
+    >>> from stethoscope.report import write_report
+    >>> write_report("runs/exp1")  # doctest: +SKIP
+    PosixPath('runs/exp1/report.md')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stethoscope.report.content import (
+    VERDICT_WORDS,
+    ReportContent,
+    build,
+    fmt,
+    layer_group,
+    when,
+)
+from stethoscope.report.html import render_html
+from stethoscope.report.markdown import FILES_DIR, image_name, render_markdown_content
+from stethoscope.report.plots import Image, render_all
+from stethoscope.report.summary import findings_table, print_summary
+from stethoscope.run import Run, load_run
+
+__all__ = [
+    "VERDICT_WORDS",
+    "ReportContent",
+    "build",
+    "findings_table",
+    "layer_group",
+    "print_summary",
+    "render_html",
+    "render_markdown",
+    "write_report",
+]
+
+# names the earlier single-module report exported
+_fmt = fmt
+_when = when
+_VERDICT_WORDS = VERDICT_WORDS
+
+
+def render_markdown(run: Run) -> str:
+    """``report.md``'s text for ``run`` without figures (tables only); :func:`write_report` adds them."""
+    return render_markdown_content(build(run))
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report.html`` and ``report.md`` (figures in ``report_files/``) into the run directory.
+
+    Returns the path of ``report.md``; ``report.html`` sits beside it.
+    """
+    run = load_run(run_dir)
+    content = build(run)
+    images = render_all(content.plots())
+    path = Path(run_dir)
+    files = path / FILES_DIR
+    written = set()
+    for plot in content.plots():
+        image = images.get(plot.id)
+        if isinstance(image, Image):
+            files.mkdir(exist_ok=True)
+            target = path / image_name(plot, image)
+            target.write_bytes(image.data)
+            written.add(target.name)
+    if files.is_dir():  # figures of an earlier report that this one no longer has
+        for old in files.iterdir():
+            if old.is_file() and old.name not in written:
+                old.unlink(missing_ok=True)
+    (path / "report.html").write_text(render_html(content, images), encoding="utf-8")
+    md = path / "report.md"
+    md.write_text(render_markdown_content(content, images), encoding="utf-8")
+    return md
