@@ -135,6 +135,13 @@ class StorageConfig(StrictModel):
     )
 
 
+class ReportConfig(StrictModel):
+    """What ``close()`` writes into the run directory (docs/report.md)."""
+
+    enabled: bool = Field(True, description="write report.html and report.md when the monitor closes")
+    plots: bool = Field(True, description="draw the figures (matplotlib, ~0.1-0.3 s each); False = tables only")
+
+
 class Config(StrictRootModel):
     """The whole monitor configuration. ``Config()`` is the documented default."""
 
@@ -148,6 +155,7 @@ class Config(StrictRootModel):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     stop_on: Literal["critical"] | None = None
 
     @field_validator("stop_on", mode="before")

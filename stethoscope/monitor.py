@@ -901,9 +901,10 @@ class Monitor:
             self._metrics.close()
             self._findings_writer.close()
         try:
-            from stethoscope.report import write_report
+            if self.config.report.enabled:
+                from stethoscope.report import write_report
 
-            write_report(self.run_dir)
+                write_report(self.run_dir, plots=self.config.report.plots)
         except Exception as exc:  # the report must not turn a finished run into a crash
             self._console.print(f"[yellow]stethoscope: could not write the report: {exc}[/]")
         if not self._quiet:

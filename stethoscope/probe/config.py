@@ -112,7 +112,7 @@ class ProbeConfig(StrictModel):
     folds: int = Field(5, ge=2)
     C: float = Field(1.0, gt=0)
     max_iter: int = Field(500, ge=1)
-    tol: float = Field(1e-4, gt=0)
+    tol: float = Field(1e-5, gt=0)
     standardize: bool = True
     control: bool = True
     leakage: bool = True

@@ -89,20 +89,25 @@ class _Objective:
         self.logit_mask = torch.where(counts > 0, 0.0, _NEG).to(X.dtype)  # (P, K) absent classes off
         self.reg = 1.0 / (C * self.n)  # (P,)
         if standardize:
-            shift = X.mean(1, keepdim=True)  # (L, 1, D) centre first: E[x^2] - mu^2 cancels otherwise
-            Xc = X - shift
-            mu = torch.matmul(self.wn, Xc)  # (L, P, D)
-            ex2 = torch.matmul(self.wn, Xc.square_())  # (L, P, D)
-            del Xc
+            # z-scores do not depend on a column's offset or scale, so first bring every column to
+            # [-1, 1] around its mean: then float32 moments are accurate even for columns living at
+            # 1e-8 or 1e-32 (LayerNorm dimensions with a near-zero gain are real signal, not constants)
+            shift = X.mean(1, keepdim=True)  # (L, 1, D)
+            Xs = X - shift
+            spread = Xs.abs().amax(1, keepdim=True)  # (L, 1, D)
+            Xs /= torch.where(spread > 0, spread, torch.ones_like(spread))
+            self.X = Xs  # (L, N, D) the scaled copy replaces X from here on
+            mu = torch.matmul(self.wn, Xs)  # (L, P, D)
+            ex2 = torch.matmul(self.wn, Xs.square())  # (L, P, D)
             sigma = (ex2 - mu * mu).clamp_min(0.0).sqrt()
-            sigma = torch.where(sigma > 1e-6 * (1.0 + shift.abs()), sigma, torch.ones_like(sigma))
-            self.mu = mu + shift  # (L, P, D) in raw space
-            self.sigma = sigma
+            # constant within a fold's training rows: scikit-learn's convention, scale 1
+            self.sigma = torch.where(sigma > 1e-6, sigma, torch.ones_like(sigma))
+            self.mu = mu
         else:
             self.mu = torch.zeros(L, P, D, dtype=X.dtype, device=X.device)
             self.sigma = torch.ones(L, P, D, dtype=X.dtype, device=X.device)
         self.mu_over_sigma = self.mu / self.sigma  # (L, P, D)
-        self.chol = self._preconditioner(X) if precondition else None  # (L, D, D)
+        self.chol = self._preconditioner(self.X) if precondition else None  # (L, D, D)
 
     def _preconditioner(self, X: torch.Tensor) -> torch.Tensor:
         """Cholesky factor of each layer's feature correlation (+ a ridge): the curvature's shape.
@@ -169,7 +174,7 @@ class _Objective:
             return loss, None
         R = e.mul_((self.wn / s)[:, :, None, :])  # (L, P, K, N) softmax * item weight
         R.scatter_add_(2, self.yidx, -self.wn.expand(L, P, N)[:, :, None, :])  # minus one-hot
-        G = torch.bmm(R.view(L, P * K, N), self.X).view(L, P, K, D)  # R X in raw space
+        G = torch.bmm(R.view(L, P * K, N), self.X).view(L, P, K, D)  # R X (X as scaled above)
         db = R.sum(-1)  # (L, P, K)
         dW = (G - db[..., None] * self.mu[:, :, None, :]) / self.sigma[:, :, None, :]
         dW += self.reg[None, :, None, None] * W

@@ -161,6 +161,9 @@ def thin(xs: np.ndarray, limit: int = MAX_POINTS) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
 
 
+_HEAD = {"zero_fraction": "zero fraction", "update_norm": "‖Δw‖", "weight_norm": "‖w‖", "ratio": "‖Δw‖ / ‖w‖"}
+
+
 def _top_note(shown: int, total: int, what: str) -> str:
     return f"top {shown} of {total:,} {what}" if total > shown else ""
 
@@ -589,7 +592,7 @@ def _gradients(run: Run) -> Section | None:
         top = last.sort_values("norm", ascending=False).head(TOP_N)
         section.tables.append(
             Table(
-                ["parameter", *cols],
+                ["parameter", *[_HEAD.get(c, c) for c in cols]],
                 [
                     [r["name"], *[pct(r[c]) if c == "zero_fraction" else fmt(r[c]) for c in cols]]
                     for _, r in top.iterrows()
@@ -768,7 +771,7 @@ def _updates(run: Run) -> Section | None:
         cols = [c for c in ("ratio", "update_norm", "weight_norm") if c in top]
         section.tables.append(
             Table(
-                ["parameter", *cols],
+                ["parameter", *[_HEAD.get(c, c) for c in cols]],
                 [[r["name"], *[fmt(r[c]) for c in cols]] for _, r in top.iterrows()],
                 caption=f"Ratios furthest from the median ({fmt(med)}) at step {last_step}",
                 note=f"top {len(top)} of {len(last):,} parameters" if len(last) > len(top) else "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,7 +225,9 @@ def render_all(plots: list[Plot]) -> dict[str, Image | Exception]:
     out: dict[str, Image | Exception] = {}
     for plot in plots:
         try:
-            out[plot.id] = render(plot)
+            with warnings.catch_warnings():  # e.g. a flat series' "identical low and high ylims"
+                warnings.simplefilter("ignore", UserWarning)
+                out[plot.id] = render(plot)
         except Exception as exc:  # one bad figure must not cost the whole report
             out[plot.id] = exc
     return out

@@ -197,7 +197,8 @@ class Rule:
         return self.ctx.findings.is_open(self.code, target)
 
     def open_targets(self) -> list[str | None]:
-        return [f.target for f in self.ctx.findings.open.values() if f.code == self.code]
+        # a snapshot first: the watchdog thread may open a finding meanwhile
+        return [f.target for f in list(self.ctx.findings.open.values()) if f.code == self.code]
 
     def judge(
         self,

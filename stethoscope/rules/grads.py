@@ -26,13 +26,16 @@ def rms(stats: Stats) -> float:
     return stats.norm / math.sqrt(n) if n > 0 and stats.norm == stats.norm else math.nan
 
 
-def excess_zero_fraction(rule: Rule, name: str, stats: Stats) -> float | None:
+def excess_zero_fraction(
+    rule: Rule, name: str, stats: Stats, min_rms_in_eps: float = MIN_RMS_IN_EPS
+) -> float | None:
     """The zero fraction of a gradient beyond what is known to be normal, or None when not judged.
 
     Embedding weights are skipped (rows of tokens absent from the batch get no gradient). A key-projection
     bias's exactly-zero share is taken out: ``(zf - share) / (1 - share)``, the zero fraction of the rest.
-    Gradients whose non-zero entries have an RMS under ``100 * stats.eps`` are skipped: there the count
-    measures scale (grad.vanishing's case), not dead units. An all-zero gradient (norm exactly 0) is 1.
+    Gradients whose non-zero entries have an RMS under ``min_rms_in_eps * stats.eps`` (100 by default) are
+    skipped: there the count measures scale (grad.vanishing's case), not dead units. An all-zero gradient
+    (norm exactly 0) is 1.
     """
     pi = rule.info.params.get(name)
     zf = stats.zero_fraction
@@ -47,9 +50,25 @@ def excess_zero_fraction(rule: Rule, name: str, stats: Stats) -> float | None:
     if zf >= 1.0:  # every entry under eps: dead if exactly zero, merely tiny otherwise
         return 1.0 if stats.norm == 0 else None
     rms_alive = stats.norm / math.sqrt(finite * (1.0 - zf))  # RMS of the entries that are not zero
-    if not (rms_alive >= MIN_RMS_IN_EPS * rule.ctx.eps):
+    if not (rms_alive >= min_rms_in_eps * rule.ctx.eps):
         return None
     return max(0.0, zf - share) / (1.0 - share)
+
+
+def biases_before_norm(rule: Rule, record: StepRecord) -> set[str]:
+    """Biases of modules whose output goes straight into a batch/instance norm (learned from call order).
+
+    The norm subtracts each channel's mean over the batch, so such a bias has no effect and its gradient is
+    zero up to rounding (~1e-9): normal, like the key-projection bias of softmax attention.
+    """
+    known: set[str] = rule.ctx.shared.setdefault("biases_before_norm", set())
+    calls = record.act_calls
+    for i in range(1, len(calls)):
+        if rule.info.removes_bias(calls[i][0]):
+            bias = f"{calls[i - 1][0]}.bias" if calls[i - 1][0] else "bias"
+            if bias in rule.info.params:
+                known.add(bias)
+    return known
 
 
 def _owner(rule: Rule, name: str) -> str:
@@ -78,7 +97,18 @@ class GradZeroFraction(Rule):
     def check(self, record: StepRecord) -> None:
         step = record.step
         zero_matrix = self._zero_matrix(record)
+        before_norm = biases_before_norm(self, record)
         for name, rec in record.grads.items():
+            if name in before_norm:
+                self.note(
+                    name,
+                    step,
+                    rec.stats.zero_fraction,
+                    f"`{name}` is added just before a batch "
+                    "normalisation, which subtracts each channel's mean: it has no effect and no "
+                    "gradient; normal (drop it with bias=False)",
+                )
+                continue
             value = excess_zero_fraction(self, name, rec.stats)
             if value is None:
                 self._explain(name, rec.stats, step)
@@ -93,6 +123,7 @@ class GradZeroFraction(Rule):
                     "through it until it moves; normal at the start",
                 )
                 continue
+            self._explain_fused(name, rec.stats, step)
             value = mean([v for _, v in self.recent.push(name, step, value)])
             self.judge(
                 name,
@@ -138,6 +169,24 @@ class GradZeroFraction(Rule):
                 f"`{name}` is a key-projection bias: softmax ignores a constant added "
                 "to a row of scores, so its gradient is exactly zero; this is normal, not attention death",
             )
+
+    def _explain_fused(self, name: str, stats: Stats, step: int | None) -> None:
+        """The field note's '33 % zeros in in_proj_bias': say (on request) that the key third is normal."""
+        pi = self.info.params.get(name)
+        share = pi.key_bias_share if pi is not None else 0.0
+        zf = stats.zero_fraction
+        level = self.threshold(name).shown
+        if not 0 < share < 1 or zf != zf or zf < 0.9 * share or zf < (level if level is not None else 0.05):
+            return
+        self.note(
+            name,
+            step,
+            zf,
+            f"{H.pct(zf)} of the gradient of `{name}` is zero, and {H.pct(share)} of it is the key-projection "
+            "bias of a fused q,k,v projection: softmax ignores a constant added to a row of scores, so that part "
+            "gets exactly zero gradient. This is the field note's '33 % zeros in in_proj_bias' — normal, not "
+            "attention death; the rule judges only the rest of the bias",
+        )
 
     def _message(self, name: str, value: float, stats: Stats) -> str:
         n = len(self.recent.values(name))
@@ -325,8 +374,10 @@ class GradNormSpike(Rule):
 
     Value: the total gradient norm / the median of the last ``rules.window`` non-spiking sampled steps (the
     same robust median as the monitor's anomaly sampling), judged from the second sampled step on.
-    Warning at 10×, critical at 100× — or when it stays past the warning level for 5 sampled steps in a
-    row (a bad batch spikes once; a far too high learning rate never comes back down). The norm is the whole model's, so the target is the root module
+    Warning at 10× once it lasts 2 sampled steps in a row (the monitor samples the steps after a spike), so
+    one outlier batch that is gone at the next step stays silent; critical at 100× at once, or when it stays
+    past the warning level for 5 sampled steps in a row (a bad batch spikes once; a far too high learning
+    rate never comes back down). The norm is the whole model's, so the target is the root module
     (``""``, as ``named_modules()`` names it); the message and ``data.culprit`` name the parameter whose own
     gradient norm jumped the most against its own median.
     """
@@ -335,6 +386,7 @@ class GradNormSpike(Rule):
     order = 5  # before the per-parameter rules, so their findings can say they follow a spike
     thresholds: ClassVar[dict[str, Threshold]] = {"grad.norm_spike": Threshold(10.0, 100.0)}
     summary = "global gradient norm spikes against its running median"
+    CONFIRM = 2  # a spike under the critical level must last this many sampled steps in a row to open
     SUSTAINED = 5  # a spike that lasts this many sampled steps in a row is critical whatever its size
 
     def __init__(self, ctx: RuleContext):
@@ -367,12 +419,14 @@ class GradNormSpike(Rule):
                 self.episode = None
                 self.ctx.shared.pop("cause", None)
             return
+        self.streak += 1
+        sustained = self.streak >= self.SUSTAINED
+        if self.episode is None and self.streak < self.CONFIRM and th.severity(ratio) != "critical":
+            return  # one spiking batch that may be gone at the next sampled step: wait for it
         if self.episode is None:
             self.since = step
             self._announce()
         self.episode = ""
-        self.streak += 1
-        sustained = self.streak >= self.SUSTAINED
         culprit = self._culprit(record)
         own = self._own_ratio(culprit, record)
         streak = self.streak
@@ -452,21 +506,26 @@ class GradVanishing(Rule):
     """``grad.vanishing``: a parameter whose gradient is orders of magnitude below its peers'.
 
     Value: the parameter's gradient RMS over a reference, geometric mean over the last ``rules.smoothing``
-    sampled steps; lower is worse: warning at 1e-3, critical at 1e-4. The reference is the median RMS of
-    its peers — the same parameter in the model's other repeated blocks (``h.*.mlp.c_fc.weight``) — and of
-    the model's parameters as a whole; the smaller ratio counts. Peers compare like with like (a bias with
-    biases); the model-wide median catches a stack whose blocks all starve. Embeddings, key-projection
-    biases and exactly-zero gradients (grad.zero_fraction's case) are left out. A healthy transformer's
-    smallest ratio is around 0.05.
+    sampled steps; lower is worse: warning at 1e-2 (100× below), critical at 1e-3 (1000× below). The
+    reference is the median RMS of its peers — the same parameter in the model's other repeated blocks
+    (``h.*.mlp.c_fc.weight``) — or the median over all the model's parameters, whichever gives the smaller
+    value, but against the whole model the ratio is multiplied by 100 (a 100× stricter bar): parameter kinds
+    differ naturally, e.g. at initialisation a from-scratch BERT's query and key weights get ~1e-3 of the
+    median gradient (each is scaled by the other's small weights) in every layer alike, which is normal.
+    Peers catch one block starving; the model-wide bar catches a group of peers starving together.
+    Embeddings, key-projection biases, biases just before a batch norm and exactly-zero gradients
+    (grad.zero_fraction's case) are left out. In healthy runs the smallest peer ratio is 0.16–0.4 and the
+    smallest model-wide ratio about 0.07.
     """
 
     code = "grad.vanishing"
     order = 14
     thresholds: ClassVar[dict[str, Threshold]] = {
-        "grad.vanishing": Threshold(1e-3, 1e-4, higher_is_worse=False)
+        "grad.vanishing": Threshold(1e-2, 1e-3, higher_is_worse=False)
     }
     summary = "gradient RMS of a parameter far below its peers' / the model's median"
     MIN_PARAMS = 4
+    MODEL_WIDE_SLACK = 100.0
 
     def __init__(self, ctx: RuleContext):
         super().__init__(ctx)
@@ -478,8 +537,9 @@ class GradVanishing(Rule):
 
     def check(self, record: StepRecord) -> None:
         rmss = {}
+        before_norm = biases_before_norm(self, record)
         for name, rec in record.grads.items():
-            if self._eligible(name):
+            if self._eligible(name) and name not in before_norm:
                 r = rms(rec.stats)
                 if r == r and math.isfinite(r) and r > 0:  # exactly zero: dead, grad.zero_fraction's case
                     rmss[name] = r
@@ -494,18 +554,23 @@ class GradVanishing(Rule):
         step = record.step
         for name, r in rmss.items():
             peers = groups[peer_key(name)]
-            ref, against = med, "the model's median parameter gradient"
+            # against the whole model the bar is 100x stricter: parameter kinds differ by ~1000x naturally
+            ratio, ref = self.MODEL_WIDE_SLACK * r / med, med
+            against = (
+                f"the model's median parameter gradient (held to a {self.MODEL_WIDE_SLACK:g}× stricter bar)"
+            )
             if len(peers) >= 2:
                 peer_med = median(peers)
-                if peer_med > med:
-                    ref, against = peer_med, f"the median of its {len(peers)} peers `{peer_key(name)}`"
-            value = geomean([v for _, v in self.recent.push(name, step, r / ref)])
+                if r / peer_med < ratio:
+                    ratio, ref = r / peer_med, peer_med
+                    against = f"the median of its {len(peers)} peers `{peer_key(name)}`"
+            value = geomean([v for _, v in self.recent.push(name, step, ratio)])
             self.judge(
                 name,
                 value,
                 step,
-                message=lambda name=name, r=r, v=value, ref=ref, against=against: (
-                    f"the gradient reaching `{name}` (RMS {H.fmt(r)}) is {H.fmt(v)}× {against} "
+                message=lambda name=name, r=r, ref=ref, against=against: (
+                    f"the gradient reaching `{name}` (RMS {H.fmt(r)}) is {H.fmt(r / ref)}× {against} "
                     f"({H.fmt(ref)}): the learning signal dies before it gets there"
                 ),
                 hint=lambda name=name: self._hint(name),
@@ -545,6 +610,9 @@ class GradDeadTrend(Rule):
     summary = "zero-gradient fraction rising steadily (progressive death), before it crosses its threshold"
     MIN_TAU = 0.6
     FLOOR = 0.01
+    # a trend is read at the 1-3 % level, where small-but-alive gradients already put a few percent of
+    # entries under eps: judge only gradients whose live entries have an RMS of 1000 eps (1e-5) or more
+    MIN_RMS_IN_EPS = 1000.0
 
     def __init__(self, ctx: RuleContext):
         super().__init__(ctx)
@@ -553,8 +621,11 @@ class GradDeadTrend(Rule):
 
     def check(self, record: StepRecord) -> None:
         step = record.step
+        before_norm = biases_before_norm(self, record)
         for name, rec in record.grads.items():
-            value = excess_zero_fraction(self, name, rec.stats)
+            if name in before_norm:
+                continue
+            value = excess_zero_fraction(self, name, rec.stats, self.MIN_RMS_IN_EPS)
             if value is None:
                 continue
             points = self.history.push(name, step, value)

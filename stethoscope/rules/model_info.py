@@ -148,6 +148,14 @@ class ModelInfo:
         t = self.module_types.get(module, "")
         return t in NORM_TYPES or t.endswith(("LayerNorm", "RMSNorm"))
 
+    def removes_bias(self, module: str) -> bool:
+        """A batch/instance normalisation: it subtracts each channel's mean, so a bias added just before it
+        (a Linear's or Conv's) changes nothing downstream and gets exactly zero gradient (up to rounding)."""
+        t = self.module_types.get(module, "")
+        return t.startswith(
+            ("BatchNorm", "SyncBatchNorm", "LazyBatchNorm", "InstanceNorm", "LazyInstanceNorm")
+        )
+
     def activation(self, module: str) -> str | None:
         return activation_kind(self.module_types.get(module, ""))
 

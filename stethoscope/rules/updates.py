@@ -102,6 +102,8 @@ class UpdateRatio(Rule):
         pi = self.info.params.get(name)
         if pi is not None and (pi.embedding or pi.key_bias_share > 0):
             return False
+        if name in self.ctx.shared.get("biases_before_norm", ()):
+            return False
         g = record.grads.get(name)
         return g is not None and rms(g.stats) >= MIN_RMS_IN_EPS * self.ctx.eps
 

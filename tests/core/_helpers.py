@@ -42,6 +42,7 @@ def rows(run_dir: Path, kind: str, step: int | None = None):
 
 def quiet_config(**sections) -> dict:
     """A config dict that samples every step (unless overridden)."""
-    cfg = {"sampling": {"warmup_steps": 1000, "every": 1, "after_anomaly": 0}}
+    cfg = {"sampling": {"warmup_steps": 1000, "every": 1, "after_anomaly": 0},
+           "report": {"plots": False}}  # the figures are tested in tests/report
     cfg.update(sections)
     return cfg

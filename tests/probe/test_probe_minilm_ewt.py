@@ -39,6 +39,7 @@ def test_no_document_in_both_train_and_test(minilm_ewt):
 
 
 def test_batched_probe_equals_scikit_learn_on_the_same_splits(minilm_ewt):
+    """Same folds, same C, both solvers converged (scikit-learn tightly): the same F1."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
     from sklearn.preprocessing import StandardScaler
@@ -56,16 +57,21 @@ def test_batched_probe_equals_scikit_learn_on_the_same_splits(minilm_ewt):
         torch.from_numpy(target.train),
         target.n_classes,
         C=cfg.probe.C,
+        tol=cfg.probe.tol,
     )
+    assert bool(fit.converged.all())
     for i in range(len(layers)):
+        ours, theirs, agree = [], [], []
         for f in range(k):
             train, test = target.train[f], target.score["test"][f]
             with threadpool_limits(1):
                 sc = StandardScaler().fit(X[i][train])
-                clf = LogisticRegression(C=cfg.probe.C, max_iter=2000).fit(
-                    sc.transform(X[i][train]), target.y[train]
-                )
+                clf = LogisticRegression(C=cfg.probe.C, tol=1e-6, max_iter=5000)
+                clf.fit(sc.transform(X[i][train]), target.y[train])
                 pred_sk = clf.predict(sc.transform(X[i][test]))
-            f1_sk = f1_score(target.y[test], pred_sk, average="macro")
-            f1_ours = f1_score(target.y[test], fit.pred[i, f].numpy()[test], average="macro")
-            assert abs(f1_ours - f1_sk) <= 0.02, (layers[i], f, f1_ours, f1_sk)
+            pred = fit.pred[i, f].numpy()[test]
+            theirs.append(f1_score(target.y[test], pred_sk, average="macro"))
+            ours.append(f1_score(target.y[test], pred, average="macro"))
+            agree.append((pred == pred_sk).mean())
+        assert abs(np.mean(ours) - np.mean(theirs)) <= 0.02, (layers[i], ours, theirs)
+        assert min(agree) >= 0.95  # per fold, at most a few borderline items differ

@@ -88,3 +88,12 @@ def test_a_run_with_nothing_recorded_still_gets_a_report(tmp_path):
     assert "No findings" in html and "healthy" in html and "<img" not in html
     assert "Verdict: healthy" in md_path.read_text()
     assert not (path / "report_files").exists()
+
+
+def test_without_plots_the_pages_keep_their_tables(gpt2_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(gpt2_run, copy)
+    write_report(copy, plots=False)
+    html = (copy / "report.html").read_text()
+    assert "<img" not in html and "Largest gradient norms" in html and "numerics.nonfinite" in html
+    assert not (copy / "report_files").exists() or not any((copy / "report_files").iterdir())

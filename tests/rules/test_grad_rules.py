@@ -184,7 +184,7 @@ def test_known_normal_zeros_are_silent_and_explained_on_request(tmp_path):
     run = train(model, tmp_path / "r", 8, batch=batch, config=every_step(rules={"explain_normal": True}))
     assert not alarms(run), describe(run)
     notes = {f.target: f for f in run.findings if f.severity == "info"}
-    assert "attn.in_proj_bias" not in notes or "key" in notes["attn.in_proj_bias"].message
+    assert "33 % zeros in in_proj_bias" in notes["attn.in_proj_bias"].message  # the key third: normal
     assert "emb.weight" in notes and "absent from the batch" in notes["emb.weight"].message
 
 

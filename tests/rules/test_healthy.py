@@ -104,3 +104,13 @@ def test_pretrained_minilm_fine_tuning_is_silent_but_for_the_unused_pooler(tmp_p
     assert {f.target for f in loud} == {"enc.pooler.dense.weight", "enc.pooler.dense.bias"}
     assert all("ran in forward" in f.message for f in loud)  # BertModel computes it; the loss ignores it
     assert not found(run, "grad.zero_fraction")  # attention.self.key.bias: 100 % zeros, normal
+
+
+def test_bias_before_batchnorm_is_known_normal(tmp_path):
+    """BatchNorm subtracts each channel's mean: the bias just before it gets ~1e-9 gradient, by design."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    run = train(model, tmp_path / "r", 20, lr=1e-3, config=every_step(rules={"explain_normal": True}))
+    assert not alarms(run), describe(run)
+    notes = [f for f in run.findings if f.target == "0.bias"]
+    assert notes and notes[0].severity == "info" and "batch normalisation" in notes[0].message
