@@ -158,39 +158,43 @@ def tensor_stats(
 def _chunk_stats(
     chunk: torch.Tensor, eps: float, saturation: float, width: int, scratch: Scratch
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Statistics of one 1-D chunk (length a multiple of ``width`` when ``width`` > 0)."""
+    """Statistics of one 1-D chunk (length a multiple of ``width`` when ``width`` > 0).
+
+    15 elementwise passes over three reused buffers, exact over the finite entries: magnitudes first
+    (they also give the finite indicator), then the signed statistics, where the non-finite slots are set to
+    the mean (inside the finite range for min/max, and exactly zero deviation for the variance).
+    """
     m = chunk.numel()
-    clean, fill, work = scratch.get(chunk.device, m)  # (m,) each
-    clean.copy_(chunk)  # float32 copy (converts half / bfloat16)
-    torch.ne(clean, clean, out=fill)  # 1.0 where NaN
-    clean.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-    torch.abs(clean, out=work)
-    fill.add_(torch.eq(work, math.inf, out=work))  # + 1.0 where ±Inf; work is free again
-    clean.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # fills are 0
+    signed, fill, mag = scratch.get(chunk.device, m)  # (m,) float32 each
+    if chunk.dtype != torch.float32:  # half / bfloat16 / float64: statistics are of the float32 values
+        chunk = mag.copy_(chunk)
+    torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0, out=signed)  # finite entries, 0 elsewhere
+    torch.ne(signed, chunk, out=fill)  # 1.0 where the entry was NaN or ±Inf (NaN != 0, Inf != 0)
     nonfinite = fill.sum()
-    finite = (m - nonfinite).clamp_min(1.0)
-    total = clean.sum()
-    mean = total / finite  # mean of the finite entries, a device scalar
-    torch.addcmul(clean, fill, mean, out=work)  # fills become the mean: inside the finite range
-    lo, hi = torch.aminmax(work)
-    work.sub_(mean)  # deviations; fills contribute exactly 0
+    torch.abs(signed, out=mag)  # |x| of finite entries, 0 elsewhere
+    total = signed.sum()
+    count = (m - nonfinite).clamp_min(1.0)
+    mean = total / count  # mean of the finite entries, a device scalar
+    signed.addcmul_(fill, mean)  # non-finite slots become the mean (inside the finite range); others exact
+    lo, hi = torch.aminmax(signed)
+    dev = signed.sub_(mean)  # deviations; exactly 0 at the non-finite slots
     # Corrected two-pass (Chan, Golub & LeVeque): the float32 mean is off by a few ulps, which would bias
     # every deviation when |mean| >> std; subtracting (sum of deviations)^2 / n removes that bias.
-    drift = work.sum()
-    m2 = torch.dot(work, work) - drift * drift / finite
+    drift = dev.sum()
+    m2 = torch.dot(dev, dev) - drift * drift / count
     total = total + drift
 
-    magnitude = torch.abs(clean, out=work)  # (m,) fills are 0: no effect on absmax / saturation
     per_feature = None
     if width:
-        per_feature = magnitude.view(-1, width).amax(0)  # (C,)
+        per_feature = mag.view(-1, width).amax(0)  # (C,)
         absmax = per_feature.max()
     else:
-        absmax = magnitude.max()
-    zero = torch.le(magnitude, eps, out=fill).sum() - nonfinite  # fills are zeros not in the data
-    saturated = torch.gt(magnitude, saturation, out=fill).sum()
+        absmax = mag.max()
+    zero = torch.le(mag, eps, out=fill).sum() - nonfinite  # non-finite slots are zeros not in the data
+    saturated = torch.gt(mag, saturation, out=fill).sum()
     dead = torch.zeros((), dtype=torch.float32, device=chunk.device)
-    return torch.stack([nonfinite, total, m2, lo, hi, absmax, zero, saturated, dead]), per_feature
+    row = torch.stack([nonfinite, total, m2, lo, hi, absmax, zero, saturated, dead])
+    return row, per_feature
 
 
 def _merge_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -94,7 +94,7 @@ def synth(
         )
     except ValidationError as exc:
         _fail(ValueError(str(exc)))
-    path = write_synthetic(out_dir, cfg, seed=seed)
+    path = _guard(write_synthetic, out_dir, cfg, seed=seed)
     yaml_path = Path(out_dir) / "probe.yaml"
     yaml_path.write_text(_starter_config(sample_rate), encoding="utf-8")
     get_console().print(f"wrote {path} and {yaml_path}; next: stethoscope probe run {yaml_path}")

@@ -24,6 +24,7 @@ import importlib
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 from stethoscope.probe.errors import ProbeLayerError, ProbeModelError
 
 SCHEMA_VERSION = 1
+_CHECKPOINT_SECONDS = 5.0
 _GENERIC = {
     "layer",
     "layers",
@@ -150,7 +152,9 @@ def resolve_layers(
             )
         names = []
         if lists:
-            name, n, prefix = max(lists, key=lambda x: x[1])
+            # the longest list; on a tie the heavier one (transformer blocks over a conv stem)
+            weight = {n: sum(p.numel() for p in module.get_submodule(n).parameters()) for n, _, _ in lists}
+            name, n, prefix = max(lists, key=lambda x: (x[1], weight[x[0]]))
             names = [f"{prefix}{i:02d}" for i in range(n)]
         names += [a for a in extra if a not in names]
     else:
@@ -357,6 +361,24 @@ def open_features(path: str | Path) -> FeatureSet:
     return FeatureSet(path, json.loads(meta_path.read_text(encoding="utf-8")))
 
 
+def completed_features(path: str | Path, ids: Sequence[str], request: str) -> FeatureSet | None:
+    """The stored features at ``path`` if they are complete, for these items and this request; else None.
+
+    Lets a rerun skip loading a model whose features are already there.
+    """
+    meta_path = Path(path) / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = (
+        meta.get("complete")
+        and meta.get("ids") == _ids_hash(ids)
+        and meta.get("settings_detail", {}).get("request") == request
+    )
+    return FeatureSet(Path(path), meta) if ok else None
+
+
 def extract_features(
     items: Sequence,
     adapter: ProbeAdapter,
@@ -384,7 +406,8 @@ def extract_features(
         pooling: ``mean`` or ``mean_std``.
         batch_size: items per forward pass.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the module's weights and floating inputs
-            (features are stored as float32).
+            (features are stored as float32). The module is moved to ``device`` and cast in place, and
+            left in eval or train mode as it came.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
         lengths: (N,) item lengths for length-sorted batching (less padding); None keeps the order.
         load: called on each batch before preprocessing (e.g. reading its audio).
@@ -479,6 +502,8 @@ def _run(
     n = len(items)
     total = sum(len(b) for b in todo)
     bar_ctx = _progress(progress, description, total, get_console())
+    finished = done.astype(bool)  # (N,) items whose rows are written
+    last_checkpoint = time.monotonic()
     try:
         with (
             bar_ctx as advance,
@@ -513,14 +538,33 @@ def _run(
                             "file": file,
                         }
                         (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+                    if values.shape[1] != arrays[alias].shape[1]:
+                        raise ProbeModelError(
+                            f"layer {alias!r} pooled to {values.shape[1]} features in this batch but "
+                            f"{arrays[alias].shape[1]} before: its output is probably not (batch, time, "
+                            "features); set the adapter's time_axis (2 for (batch, channels, time))"
+                        )
                     arrays[alias][idx] = values
-                for arr in arrays.values():
-                    arr.flush()
-                done[idx] = 1  # only after the rows are on disk: a crash redoes the batch
-                done.flush()
+                finished[idx] = True  # in memory; on disk at the next checkpoint, after the rows
+                if time.monotonic() - last_checkpoint > _CHECKPOINT_SECONDS:
+                    _checkpoint(arrays, done, finished)
+                    last_checkpoint = time.monotonic()
                 advance(len(idx))
     finally:
+        _checkpoint(arrays, done, finished)  # also on ^C or an error: finished batches are kept
         module.train(was_training)
+
+
+def _checkpoint(arrays: dict, done: np.ndarray, finished: np.ndarray) -> None:
+    """Flush the feature rows, then mark their items done: ``done.npy`` never runs ahead of the rows.
+
+    Checkpoints are throttled (every few seconds) because each is an ``msync`` per array; a crash loses at
+    most the batches since the last one.
+    """
+    for arr in arrays.values():
+        arr.flush()
+    done[:] = finished
+    done.flush()
 
 
 @contextlib.contextmanager

@@ -25,7 +25,8 @@ import torch
 _NEG = -1.0e9  # logit of a class absent from a fold's training set (finite: -inf * 0 would be NaN)
 _PARALLEL_MIN = 1 << 20  # logits below this many elements: one CPU thread
 _PRECOND_ROWS = 1024  # rows used to estimate each layer's feature correlation
-_PRECOND_RIDGE = 1e-3
+_PRECOND_RIDGE = 1e-3  # smallest ridge added to the correlation before inverting it
+_PATIENCE = 20  # iterations without a 1% smaller gradient before a slice counts as stalled
 
 
 @contextlib.contextmanager
@@ -107,9 +108,12 @@ class _Objective:
             self.mu = torch.zeros(L, P, D, dtype=X.dtype, device=X.device)
             self.sigma = torch.ones(L, P, D, dtype=X.dtype, device=X.device)
         self.mu_over_sigma = self.mu / self.sigma  # (L, P, D)
-        self.chol = self._preconditioner(self.X) if precondition else None  # (L, D, D)
+        # curvature ~ corr / K from the data + 1 / (C n) from the penalty: the ridge is their ratio, so
+        # directions the features do not span (rank-deficient hidden states) are not over-amplified
+        ridge = min(max(n_classes / (C * float(self.n.min())), _PRECOND_RIDGE), 1.0)
+        self.chol = self._preconditioner(self.X, ridge) if precondition else None  # (L, D, D)
 
-    def _preconditioner(self, X: torch.Tensor) -> torch.Tensor:
+    def _preconditioner(self, X: torch.Tensor, ridge: float) -> torch.Tensor:
         """Cholesky factor of each layer's feature correlation (+ a ridge): the curvature's shape.
 
         The multinomial Hessian is about ``c * corr(z) (x) (diag p - p p^T) + ridge``; anisotropic
@@ -122,7 +126,7 @@ class _Objective:
         Z = X[:, rows]  # (L, R, D)
         Z = (Z - Z.mean(1, keepdim=True)) / Z.std(1, keepdim=True).clamp_min(1e-6)
         corr = torch.bmm(Z.transpose(1, 2), Z) / len(rows)  # (L, D, D)
-        corr.diagonal(dim1=1, dim2=2).add_(_PRECOND_RIDGE)
+        corr.diagonal(dim1=1, dim2=2).add_(ridge)
         chol, info = torch.linalg.cholesky_ex(corr)
         if bool((info != 0).any()):  # numerically singular: fall back to the identity on those layers
             eye = torch.eye(D, dtype=X.dtype, device=X.device).expand(L, D, D)
@@ -257,6 +261,9 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
     rho: list[torch.Tensor] = []
     gamma = torch.ones(L, P, dtype=X.dtype, device=X.device)
     iters = torch.zeros(L, P, dtype=torch.long, device=X.device)
+    best = gmax.clone()  # smallest gradient seen, and iterations since it last improved by 1%
+    flat = torch.zeros(L, P, dtype=torch.long, device=X.device)
+    eps = 8 * torch.finfo(X.dtype).eps  # relative noise of a loss summed in this precision
     n_iter = 0
     for it in range(max_iter):
         # layers whose every problem is done leave the batch: the cost follows the live slices
@@ -272,7 +279,7 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
                 live = live[keep]
                 break
             live, theta, f, g, gmax = live[keep], theta[keep], f[keep], g[keep], gmax[keep]
-            active, gamma, iters = active[keep], gamma[keep], iters[keep]
+            active, gamma, iters, flat, best = active[keep], gamma[keep], iters[keep], flat[keep], best[keep]
             S, Yh, rho = [v[keep] for v in S], [v[keep] for v in Yh], [v[keep] for v in rho]
             obj = obj.subset(keep)
         n_iter = it + 1
@@ -297,10 +304,13 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
         d = d * active[..., None, None]
         # first step: scaled like torch's LBFGS, the history has no curvature yet
         t = torch.clamp(1.0 / g.abs().flatten(2).sum(-1), max=1.0) if it == 0 else torch.ones_like(f)
-        # backtracking line search (Armijo), every slice with its own step
+        # backtracking line search (Armijo), every slice with its own step. Near the optimum the loss
+        # changes less than its own rounding noise, and a strict Armijo test would reject the very step
+        # that reaches tol; the test is relaxed by that noise (Hager & Zhang's approximate Wolfe idea).
+        noise = eps * f.abs()
         step = torch.zeros_like(f)
         f_new, g_new = obj(theta + t[..., None, None] * d)
-        ok = active & (f_new <= f + 1e-4 * t * gd)
+        ok = active & (f_new <= f + 1e-4 * t * gd + noise)
         step = torch.where(ok, t, step)
         accepted = ~active | ok
         exact = bool(accepted.all())  # f_new, g_new are already at the accepted point
@@ -309,7 +319,7 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
                 break
             t = torch.where(accepted, t, 0.5 * t)
             f_try, _ = obj(theta + t[..., None, None] * d, grad=False)
-            ok = ~accepted & (f_try <= f + 1e-4 * t * gd)
+            ok = ~accepted & (f_try <= f + 1e-4 * t * gd + noise)
             step = torch.where(ok, t, step)
             accepted = accepted | ok
         stalled = active & (step == 0)  # no decrease even at a tiny step: float precision reached
@@ -328,6 +338,10 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
             S.pop(0), Yh.pop(0), rho.pop(0)
         theta, f, g = theta_new, f_new, g_new
         gmax = g.abs().flatten(2).amax(-1)
+        improved = gmax < 0.99 * best
+        best = torch.minimum(best, gmax)
+        flat = torch.where(improved, torch.zeros_like(flat), flat + 1)
+        stalled = stalled | (flat >= _PATIENCE)  # the gradient stopped shrinking: float precision reached
         active = active & (gmax > tol) & ~stalled
     if len(live):  # max_iter reached with slices still live
         theta_out[live], gmax_out[live], iters_out[live] = theta, gmax, iters

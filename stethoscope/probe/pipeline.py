@@ -174,16 +174,24 @@ def run_features(config, adapters: dict | None = None, progress: bool = True) ->
             return load_audio(batch, rate)
 
     out = {}
+    ids = [str(i) for i in manifest.ids]
     for rep in cfg.representations:
+        settings = _rep_settings(rep, cfg)
+        settings["request"] = settings_hash(settings)  # the config's request, before loading any model
+        path = Path(cfg.output_dir) / "features" / rep.name
+        stored = F.completed_features(path, ids, settings["request"])
+        if stored is not None and rep.name not in (adapters or {}):
+            console.print(f"features {rep.name}: up to date ({len(stored.layers)} layers)")
+            out[rep.name] = stored
+            continue
         adapter = (adapters or {}).get(rep.name) or build_adapter(rep, cfg)
         layers = F.resolve_layers(adapter.module, rep.layers, {**adapter.aliases, **rep.aliases})
-        settings = _rep_settings(rep, cfg)
         settings["layers"] = layers
         out[rep.name] = F.extract_features(
             items,
             adapter,
             layers,
-            Path(cfg.output_dir) / "features" / rep.name,
+            path,
             pooling=rep.pooling,
             batch_size=rep.batch_size,
             dtype="float32" if rep.kind == "frontend" else rep.dtype,
@@ -347,7 +355,7 @@ def _print_summary(rows: list[dict], decision, console) -> None:
 
     table = Table(title="probe metrics", show_lines=False)
     for col in ("layer", "F1", "95% CI", "leakage", "text drop", "selectivity", "status"):
-        table.add_column(col, justify="left" if col in ("layer", "status") else "right")
+        table.add_column(col, justify="left" if col in ("layer", "status") else "right", overflow="fold")
     for r in rows:
         table.add_row(
             f"{r['representation']}:{r['layer']}",

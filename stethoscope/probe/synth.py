@@ -23,6 +23,7 @@ import numpy as np
 
 from stethoscope.probe.audio import _hz_to_mel, _mel_to_hz, write_wav
 from stethoscope.probe.config import SynthConfig
+from stethoscope.probe.errors import ProbeStageError
 
 _WORDS = [
     "the",
@@ -93,10 +94,18 @@ def write_synthetic(out_dir: str | Path, config: SynthConfig | None = None, seed
 
     Returns:
         The path of ``metadata.csv``.
+
+    Raises:
+        ProbeStageError: ``out_dir`` holds a dataset this function did not write.
     """
     cfg = config or SynthConfig()
     seed = cfg.seed if cfg.seed is not None else seed
     out = Path(out_dir)
+    if (out / "metadata.csv").exists() and not (out / "synth.json").exists():
+        raise ProbeStageError(
+            f"{str(out)!r} already holds a dataset that `synth` did not write (metadata.csv without "
+            "synth.json); write the synthetic set elsewhere (dataset.root / OUT_DIR)"
+        )
     if (out / "wav").exists() and (out / "synth.json").exists():
         shutil.rmtree(out / "wav")  # only ever remove a folder we wrote
     (out / "wav").mkdir(parents=True, exist_ok=True)

@@ -242,13 +242,20 @@ class ActInputScale(_Smoothed):
                 name,
                 value,
                 step,
-                message=lambda name=name, v=value, st=st: (
-                    f"{H.pct(v)} of the features entering `{name}` are outside [-{H.fmt(self.ctx.saturation)}, "
-                    f"{H.fmt(self.ctx.saturation)}] (recent average). Input diagnostics: mean={H.fmt(st.mean)}, "
-                    f"std={H.fmt(st.std)}, range=[{H.fmt(st.min)}, {H.fmt(st.max)}]"
-                ),
+                message=lambda name=name, v=value, st=st: self._message(name, v, st),
                 hint=lambda name=name: self._hint(name, prev.get(name)),
             )
+
+    def _message(self, name: str, value: float, st) -> str:
+        b = H.fmt(self.ctx.saturation)
+        text = (
+            f"{H.pct(value)} of the features entering `{name}` are outside [-{b}, {b}] (recent average). "
+            f"Input diagnostics: mean={H.fmt(st.mean)}, std={H.fmt(st.std)}, "
+            f"range=[{H.fmt(st.min)}, {H.fmt(st.max)}]"
+        )
+        if st.features and st.dead_features == st.dead_features and st.dead_features > 0:
+            text += f", dead features: {int(st.dead_features)}/{st.features} (zero in every row)"
+        return text
 
     def _hint(self, name: str, producer: str | None) -> str:
         if producer and self.info.is_norm(producer):

@@ -155,7 +155,6 @@ class Rule:
         self.ctx = ctx
         self.name = self.code
         self._candidates: list[tuple] = []
-        self._dropped: list[str] = []
 
     # ------------------------------------------------------------------ the lifecycle (override check)
     def observe(self, record: StepRecord) -> None:
@@ -283,19 +282,35 @@ class Rule:
             return
         candidates, self._candidates = self._candidates, []
         candidates.sort(key=lambda c: (-SEVERITY_RANK[c[0]], -c[1]))
-        open_now = set(self.open_targets())
+        log = self.ctx.findings
+        open_now = {f.target: f for f in list(log.open.values()) if f.code == self.code}
         room = max(0, self.settings.max_open - len(open_now))
-        dropped = []
-        cause = self.ctx.shared.get("cause")
-        for sev, _bad, target, value, th, message, hint, data in candidates:
+        chosen, dropped = [], []
+        for cand in candidates:
+            target = cand[2]
             if target not in open_now:
                 if room <= 0:
                     dropped.append(target)
                     continue
                 room -= 1
+            chosen.append(cand)
+        cause = self.ctx.shared.get("cause")
+        for sev, _bad, target, value, th, message, hint, data in chosen:
+            current = open_now.get(target)
+            if current is None:
                 if cause and cause["code"] != self.code:
-                    message = _after(message, cause)
-                    data = {**(data or {}), "after": cause["code"], "after_step": cause["step"]}
+                    data = {
+                        **(data or {}),
+                        "after": cause["code"],
+                        "after_step": cause["step"],
+                        "after_what": cause["what"],
+                    }
+                if dropped:
+                    data = {**(data or {}), "not_opened": {"count": len(dropped), "targets": dropped[:10]}}
+            after = (data or {}).get("after") or (current.data.get("after") if current is not None else None)
+            if after:  # keep saying so in later updates too: the folded finding shows the last message
+                source = data if (data or {}).get("after") else current.data
+                message = _after(message, source)
             level = th.level(sev)
             self.emit(
                 target,
@@ -308,13 +323,6 @@ class Rule:
                 data=data,
                 higher_is_worse=th.higher_is_worse,
             )
-        if dropped:
-            self._dropped = dropped
-            self.ctx.shared.setdefault("dropped", {})[self.code] = {
-                "step": step,
-                "targets": dropped[:20],
-                "count": len(dropped),
-            }
 
 
 # ---------------------------------------------------------------------- the registry
@@ -361,11 +369,12 @@ def registered_rules() -> dict[str, type[Rule]]:
 
 
 # ---------------------------------------------------------------------- small helpers
-def _after(message: Text, cause: dict) -> Callable[[], str]:
+def _after(message: Text, data: dict) -> Callable[[], str]:
     """A message that says it opened while a run-wide problem was already open (likely its consequence)."""
     return lambda: (
-        f"{_text(message)}. It opened while {cause['what']} (`{cause['code']}`, since step "
-        f"{cause['step']}) was open: probably a consequence — fix that first"
+        f"{_text(message)}. It opened while {data.get('after_what', 'a run-wide problem')} "
+        f"(`{data['after']}`, since step {data.get('after_step')}) was open: probably a consequence — fix that "
+        "first"
     )
 
 

@@ -276,3 +276,56 @@ def test_open_features_without_extraction(tmp_path):
 
     with pytest.raises(ProbeStageError, match="stethoscope probe features"):
         open_features(tmp_path / "nothing")
+
+
+def test_hugging_face_checkpoint_audio(tmp_path):
+    """A wav2vec2-style checkpoint: feature extractor, sample-level mask mapped onto strided frames."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        conv_dim=(8, 8),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=8,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+    )
+    torch.manual_seed(0)
+    Wav2Vec2Model(cfg).save_pretrained(tmp_path / "w2v")
+    Wav2Vec2FeatureExtractor(sampling_rate=8000, return_attention_mask=True).save_pretrained(tmp_path / "w2v")
+    adapter = hf_adapter(tmp_path / "w2v", "audio", sample_rate=8000)
+    layers = resolve_layers(adapter.module, "all")
+    assert layers == {"encoder_block_00": "encoder.layers.0", "encoder_block_01": "encoder.layers.1"}
+    items = _items(5)
+    fs = extract_features(
+        items,
+        adapter,
+        layers,
+        tmp_path / "f",
+        device="cpu",
+        batch_size=3,
+        progress=False,
+        lengths=np.array([len(it.audio) for it in items]),
+    )
+    assert fs.array("encoder_block_01").shape == (5, 16)
+    # channel-first conv outputs pool over the wrong axis unless time_axis says so: a clear error
+    conv = {"conv": "feature_extractor.conv_layers.1"}
+    with pytest.raises(ProbeModelError, match="time_axis"):
+        extract_features(
+            items,
+            adapter,
+            conv,
+            tmp_path / "c",
+            device="cpu",
+            batch_size=2,
+            progress=False,
+            lengths=np.array([len(it.audio) for it in items]),
+        )
+    adapter.time_axis = 2
+    assert extract_features(
+        items, adapter, conv, tmp_path / "c2", device="cpu", batch_size=2, progress=False
+    ).array("conv").shape == (5, 8)

@@ -194,3 +194,12 @@ def test_text_input_without_text(tmp_path):
     (root / "texts.json").write_text(json.dumps({"t0": "only one"}))
     with pytest.raises(ProbeDataError, match=r"1 content ids .* are not in 'texts.json'"):
         load_manifest(_cfg(root, input="text", columns={"audio": None}), folds=2)
+
+
+def test_synth_never_overwrites_a_real_dataset(tmp_path):
+    from stethoscope.probe.errors import ProbeStageError
+
+    root = _write_text_set(tmp_path / "real", groups=2, texts=2)
+    with pytest.raises(ProbeStageError, match="did not write"):
+        write_synthetic(root, SynthConfig(targets=2, groups_per_target=1, texts=1, duration_s=0.05))
+    assert "u0_0_0" in (root / "metadata.csv").read_text()

@@ -50,11 +50,17 @@ def test_f1_rises_with_planted_strength_and_zero_is_chance_and_nogo(planted):
     assert decision["code"] == "nogo"
 
 
-def test_run_writes_every_output_and_is_reproducible(tmp_path, make_synth_config):
+def test_run_writes_every_output_and_is_reproducible(tmp_path, make_synth_config, quiet_console):
     cfg_path = tmp_path / "probe.yaml"
     cfg_path.write_text(yaml.safe_dump(make_synth_config(tmp_path, target=1.0)))
-    result = _invoke(["run", cfg_path, "--no-progress"])
+    result = _invoke(["run", cfg_path])  # with progress bars, on the fixed-width test console
     assert result.exit_code == 0, result.output
+    printed = quiet_console.getvalue()
+    assert "features frontend" in printed and "probe metrics" in printed
+    assert (
+        "Decision: GO (strong) - frontend:logmel" in printed
+        or "Decision: GO (strong) - frontend:mfcc" in printed
+    )
     out = tmp_path / "out"
     for name in (
         "config.yaml",
@@ -92,7 +98,9 @@ def test_stages_alone_and_thresholds_reapplied_by_report(tmp_path, make_synth_co
     assert (tmp_path / "data" / "metadata.csv").is_file()
     assert _invoke(["fit", cfg_path]).exit_code == 2
     assert "run `stethoscope probe features CONFIG` first" in quiet_console.getvalue()
-    assert _invoke(["features", cfg_path, "--no-progress"]).exit_code == 0
+    assert _invoke(["features", cfg_path]).exit_code == 0
+    assert _invoke(["features", cfg_path]).exit_code == 0  # done: no model is even built
+    assert "features frontend: up to date (2 layers)" in quiet_console.getvalue()
     assert _invoke(["report", cfg_path]).exit_code == 2  # no metrics yet
     assert _invoke(["fit", cfg_path, "--no-progress"]).exit_code == 0
     assert json.loads((tmp_path / "out" / "decision.json").read_text())["code"] == "go"

@@ -77,6 +77,19 @@ def found(run: st.Run, code: str, target: str | None = ..., severity: str | None
     return out
 
 
+def first_at(run: st.Run, code: str, target: str | None, severity: str) -> int | None:
+    """The first step at which the finding (code, target) was at ``severity`` (from its events)."""
+    steps = [
+        e["step"]
+        for e in run.events
+        if e.get("code") == code
+        and e.get("target") == target
+        and e.get("severity") == severity
+        and e.get("event") in ("open", "update")
+    ]
+    return min(steps) if steps else None
+
+
 def alarms(run: st.Run) -> list[Finding]:
     """Warning and critical findings (what a healthy run must not have)."""
     return [f for f in run.findings if f.severity in ("warning", "critical")]

@@ -21,7 +21,7 @@ def _rules_env(monkeypatch: pytest.MonkeyPatch):
     """
     import stethoscope.report
 
-    monkeypatch.setattr(stethoscope.report, "write_report", lambda run_dir: None)
+    monkeypatch.setattr(stethoscope.report, "write_report", lambda *args, **kwargs: None)
     monkeypatch.delenv("STETHOSCOPE_DISABLE", raising=False)
     torch.manual_seed(0)
     threads = torch.get_num_threads()

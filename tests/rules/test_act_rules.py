@@ -31,6 +31,7 @@ def prices(step: int):
     x = torch.randn(64, 8, generator=g)
     x[:, :4] = 1000 + 20 * x[:, :4]
     x[:, 4:] = 5e4 + 1e3 * x[:, 4:]
+    x[:, 7] = 0.0  # a feature the pipeline never fills
     return x, torch.randn(64, 4, generator=g)
 
 
@@ -39,6 +40,7 @@ def test_unscaled_input_features_are_the_root_cause(tmp_path):
     scale = found(run, "act.input_scale", "temporal_projection", "critical")
     assert scale and scale[0].first_step == 0, describe(run)
     assert "mean=" in scale[0].message and "range=" in scale[0].message  # the playbook's INPUT DIAGNOSTICS
+    assert "dead features: 1/8" in scale[0].message
     assert "F.layer_norm" in scale[0].hint
     sat = found(run, "act.saturation", "temporal_projection", "critical")
     assert sat and "`act` (gelu)" in sat[0].message, describe(run)

@@ -102,6 +102,17 @@ def test_pattern_override_changes_a_real_finding(tmp_path):
     assert found(run, "grad.zero_fraction", "fc2.weight")[0].threshold == 0.10
 
 
+def test_open_findings_are_capped_worst_first(tmp_path):
+    m = ReluMLP()
+    with torch.no_grad():
+        m.fc1.bias[:40] = -20.0
+    run = train(m, tmp_path / "r", 2, config=every_step(rules={"max_open": 1}))
+    zf = found(run, "grad.zero_fraction")
+    assert len(zf) == 1 and zf[0].target.startswith("fc1."), describe(run)
+    others = zf[0].data["not_opened"]
+    assert others["count"] == 2 and "fc2.weight" in others["targets"]
+
+
 def test_rules_can_be_disabled(tmp_path):
     m = ReluMLP()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from tests.rules._helpers import alarms, describe, every_step, found, train
+from tests.rules._helpers import alarms, describe, every_step, first_at, found, train
 
 
 class ReluMLP(nn.Module):
@@ -40,22 +40,25 @@ def test_dead_relus_from_a_large_negative_bias(tmp_path):
 
 
 def test_dead_relus_from_a_very_high_learning_rate(tmp_path):
-    torch.manual_seed(1)
-    model = ReluMLP()
-    # SGD at lr 3 throws fc1's biases far negative in the first steps: most units never fire again
-    opt = torch.optim.SGD(model.parameters(), lr=3.0)
-    run = train(
-        model,
-        tmp_path / "r",
-        12,
-        opt=opt,
-        batch=lambda s: (
-            torch.randn(32, 16, generator=torch.Generator().manual_seed(s)) + 2.0,
-            torch.full((32, 4), -50.0),
-        ),
-    )
-    assert found(run, "act.dead_features", "act", "warning"), describe(run)
-    assert found(run, "grad.zero_fraction", "fc1.weight", "warning"), describe(run)
+    """Non-centred inputs (the field note's raw features): SGD at lr 0.1 kills every unit within 3 steps."""
+
+    def batch(step):  # features with mean 2, a target far below the initial output
+        return torch.randn(32, 16, generator=torch.Generator().manual_seed(step)) + 2.0, torch.full(
+            (32, 4), -50.0
+        )
+
+    def run(lr, out):
+        torch.manual_seed(1)
+        model = ReluMLP()
+        return train(model, tmp_path / out, 6, opt=torch.optim.SGD(model.parameters(), lr=lr), batch=batch)
+
+    high = run(0.1, "high")
+    dead = found(high, "act.dead_features", "act", "critical")
+    assert dead and first_at(high, "act.dead_features", "act", "critical") >= 1, describe(high)  # the updates
+    assert found(high, "grad.zero_fraction", "fc1.weight", "critical"), describe(high)
+    assert "learning rate" in dead[0].hint
+    low = run(1e-3, "low")  # same init and data: about a fifth of the units idle in a batch, none killed
+    assert not found(low, "act.dead_features", "act", "critical"), describe(low)
 
 
 def test_unused_parameter_is_missing(tmp_path):
