@@ -363,11 +363,13 @@ class Monitor:
     def _on_inputs(self, name: str, args: tuple, kwargs: dict, is_linear: bool) -> None:
         tensors = [t for _, t in iter_float_tensors((args, kwargs))]
         if not tensors:
-            self._input_flags[name] = None
+            self._input_flags.setdefault(name, []).append(None)
             return
         # A finite sum proves every entry finite; one device scalar, no host read.
         sums = torch.stack([t.detach().sum(dtype=torch.float32).to(tensors[0].device) for t in tensors])
-        self._input_flags[name] = (~torch.isfinite(sums)).any().to(torch.float32).reshape(1)
+        # a stack per name: a module that calls itself keeps each call's own flag
+        self._input_flags.setdefault(name, []).append(
+            (~torch.isfinite(sums)).any().to(torch.float32).reshape(1))
         if is_linear:
             x = tensors[0]
             features = x.dim() >= 2
@@ -381,7 +383,8 @@ class Monitor:
     def _on_output(self, name: str, output: Any) -> None:
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
-        flag = self._input_flags.pop(name, None)
+        stack = self._input_flags.get(name)
+        flag = stack.pop() if stack else None
         for path, t in iter_float_tensors(output):
             features = t.dim() >= 2
             row, per_feature = self._stats_row(t, features)
@@ -526,7 +529,7 @@ class Monitor:
         self._scaler_states = getattr(scaler, "_per_optimizer_states", None)
         self._calls = {}
         self._dedup = {}
-        self._input_flags: dict[str, torch.Tensor | None] = {}
+        self._input_flags: dict[str, list[torch.Tensor | None]] = {}
         self._missing = []
         self._update_snapshot = []
         hb = self.heartbeat

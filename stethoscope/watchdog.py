@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,6 +464,10 @@ class Watchdog:
             current = signal.getsignal(sig)
             if current not in (signal.SIG_DFL, None) and not getattr(current, "_stethoscope", False):
                 return  # the program has its own SIGUSR1 handler: leave it alone
+            owner = getattr(current, "_stethoscope_owner", None)
+            if owner is not None:  # another monitor's (never closed): restore what *it* replaced
+                owner = owner()
+                current = getattr(owner, "_old_handler", signal.SIG_DFL) if owner is not None else signal.SIG_DFL
             self._old_handler = current
             signal.signal(sig, self._make_handler())
             self._signal_installed = True
@@ -476,21 +481,27 @@ class Watchdog:
         with contextlib.suppress(ValueError, OSError):
             if threading.current_thread() is threading.main_thread():
                 current = signal.getsignal(signal.SIGUSR1)
-                if getattr(current, "_stethoscope_owner", None) is self:
+                owner = getattr(current, "_stethoscope_owner", None)
+                if owner is not None and owner() is self:
                     signal.signal(signal.SIGUSR1, self._old_handler or signal.SIG_DFL)
 
     def _make_handler(self) -> Callable:
+        owner = weakref.ref(self)  # the signal table must not keep a forgotten monitor alive
+
         def handler(signum: int, frame: FrameType | None) -> None:
-            err, self._pending_raise = self._pending_raise, None
+            dog = owner()
+            if dog is None:
+                return
+            err, dog._pending_raise = dog._pending_raise, None
             if err is not None:
                 raise err
             with contextlib.suppress(Exception):
-                path = self.write_dump("SIGUSR1 (on demand)")
-                if self.console is not None:
-                    self.console.print(f"stethoscope: stack dump written to {path}", soft_wrap=True)
+                path = dog.write_dump("SIGUSR1 (on demand)")
+                if dog.console is not None:
+                    dog.console.print(f"stethoscope: stack dump written to {path}", soft_wrap=True)
 
         handler._stethoscope = True  # type: ignore[attr-defined]
-        handler._stethoscope_owner = self  # type: ignore[attr-defined]
+        handler._stethoscope_owner = owner  # type: ignore[attr-defined]
         return handler
 
     # ------------------------------------------------------------------ the dump

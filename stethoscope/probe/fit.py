@@ -26,7 +26,9 @@ _NEG = -1.0e9  # logit of a class absent from a fold's training set (finite: -in
 _PARALLEL_MIN = 1 << 20  # logits below this many elements: one CPU thread
 _PRECOND_ROWS = 1024  # rows used to estimate each layer's feature correlation
 _PRECOND_RIDGE = 1e-3  # smallest ridge added to the correlation before inverting it
-_PATIENCE = 20  # iterations without a 1% smaller gradient before a slice counts as stalled
+_PATIENCE = 20
+_GAMMA0 = lambda K: 1.0
+_FIRST_T1 = False  # iterations without a 1% smaller gradient before a slice counts as stalled
 
 
 @contextlib.contextmanager
@@ -259,7 +261,7 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
     S: list[torch.Tensor] = []
     Yh: list[torch.Tensor] = []
     rho: list[torch.Tensor] = []
-    gamma = torch.ones(L, P, dtype=X.dtype, device=X.device)
+    gamma = torch.full((L, P), float(_GAMMA0(K)), dtype=X.dtype, device=X.device)
     iters = torch.zeros(L, P, dtype=torch.long, device=X.device)
     best = gmax.clone()  # smallest gradient seen, and iterations since it last improved by 1%
     flat = torch.zeros(L, P, dtype=torch.long, device=X.device)
@@ -303,7 +305,7 @@ def _solve(X, y, train, n_classes, C, max_iter, tol, standardize, history, max_l
             gd = torch.where(bad, -_dot(g, g), gd)
         d = d * active[..., None, None]
         # first step: scaled like torch's LBFGS, the history has no curvature yet
-        t = torch.clamp(1.0 / g.abs().flatten(2).sum(-1), max=1.0) if it == 0 else torch.ones_like(f)
+        t = torch.clamp(1.0 / g.abs().flatten(2).sum(-1), max=1.0) if (it == 0 and not _FIRST_T1) else torch.ones_like(f)
         # backtracking line search (Armijo), every slice with its own step. Near the optimum the loss
         # changes less than its own rounding noise, and a strict Armijo test would reject the very step
         # that reaches tol; the test is relaxed by that noise (Hager & Zhang's approximate Wolfe idea).

@@ -276,7 +276,7 @@ class Rule:
         """Write this step's judged findings: updates of open ones, then new ones worst first up to the cap.
 
         A finding that opens while a run-wide problem is open (``ctx.shared["cause"]``: a gradient-norm
-        explosion, a NaN in the forward pass) says so in its message and in ``data.after``.
+        spike, a NaN in the forward pass) says so in its message and in ``data.after``.
         """
         if not self._candidates:
             return

@@ -411,21 +411,23 @@ class GradNormSpike(Rule):
         ratio = gn / med if med == med and med > 0 else math.nan
         spiking = self.baseline.check(gn) and ratio == ratio
         if not spiking:
+            if self.episode is None and self.streak:  # an unconfirmed spike is over
+                self._withdraw()
             self.streak = 0
             for name, rec in record.grads.items():
                 self.param_norms.push(name, step, rec.stats.norm)
             if self.episode is not None and (ratio != ratio or th.healthy(ratio, self.clear_factor)):
                 self.release(self.episode, step, ratio)
                 self.episode = None
-                self.ctx.shared.pop("cause", None)
+                self._withdraw()
             return
         self.streak += 1
         sustained = self.streak >= self.SUSTAINED
+        if self.streak == 1 and self.episode is None:
+            self.since = step
+            self._announce()  # what else opens in this step happens during the spike, confirmed or not
         if self.episode is None and self.streak < self.CONFIRM and th.severity(ratio) != "critical":
             return  # one spiking batch that may be gone at the next sampled step: wait for it
-        if self.episode is None:
-            self.since = step
-            self._announce()
         self.episode = ""
         culprit = self._culprit(record)
         own = self._own_ratio(culprit, record)
@@ -454,12 +456,16 @@ class GradNormSpike(Rule):
             data={"grad_norm": gn, "median": med, "culprit": culprit, "culprit_ratio": own},
         )
 
+    def _withdraw(self) -> None:
+        if self.ctx.shared.get("cause", {}).get("code") == self.code:
+            self.ctx.shared.pop("cause")
+
     def _announce(self) -> None:
         """Tell the other rules a run-wide problem is open: what opens now is likely its consequence."""
         self.ctx.shared["cause"] = {
             "code": self.code,
             "step": self.since,
-            "what": "a gradient-norm explosion",
+            "what": "a gradient-norm spike",
         }
 
     def _own_ratio(self, name: str, record: StepRecord) -> float:
@@ -492,7 +498,7 @@ class GradNormSpike(Rule):
         self.episode = state.get("episode")
         self.streak = int(state.get("streak", 0))
         self.since = state.get("since")
-        if self.episode is not None:
+        if self.episode is not None or self.streak:
             self._announce()
 
 
