@@ -11,6 +11,8 @@ the same round. Printed: the median ratio with a bootstrap 95 % interval.
   (a0) the same with the watchdog off: (a) / (a0) is the watchdog's own cost (issue 4: <= 1.02)
   (b) sampled step: statistics of every module output, linear input, gradient and update ratio
       (including the flush that brings them to the host and writes them)
+  (b') the same with the statistics fused by ``torch.compile`` (``stats.compile: always``; the compile
+      itself happens in the warm-up and is not timed)
   (c) the default schedule amortized over a long run: ((every - 1) * a + b) / every
   (d) hand-written reference: a forward hook on every module calling ``.item()`` per statistic
       (mean, std, min, max, zero fraction)
@@ -84,13 +86,16 @@ def main() -> None:
 
     set_console(Console(file=io.StringIO()))  # keep the benchmark output to the table
     base = build()
-    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "b": copy.deepcopy(base),
+    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "b": copy.deepcopy(base), "bc": copy.deepcopy(base),
                 "d": copy.deepcopy(base), "t": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-4) for k, m in variants.items()}
     tmp = tempfile.mkdtemp(prefix="stethoscope-bench-")
     # One monitor per instrumented model; the schedule decides sampled (b) or not (a).
     mon_a = st.Monitor(variants["a"], optimizer=opts["a"], run_dir=f"{tmp}/a", schedule=lambda s: False)
     mon_b = st.Monitor(variants["b"], optimizer=opts["b"], run_dir=f"{tmp}/b", schedule=lambda s: True)
+    # (b') the same with the statistics fused by torch.compile (stats.compile: always; compiled in warm-up)
+    mon_bc = st.Monitor(variants["bc"], optimizer=opts["bc"], run_dir=f"{tmp}/bc", schedule=lambda s: True,
+                        config={"stats": {"compile": "always"}})
     mon_a0 = st.Monitor(variants["a0"], optimizer=opts["a0"], run_dir=f"{tmp}/a0", schedule=lambda s: False,
                         config={"watchdog": {"enabled": False}})
     assert mon_a._watchdog is not None and mon_a0._watchdog is None
@@ -118,8 +123,8 @@ def main() -> None:
         i = steps[kind]
         steps[kind] += 1
         t0 = time.perf_counter()
-        if kind in ("a", "a0", "b"):
-            mon = {"a": mon_a, "a0": mon_a0, "b": mon_b}[kind]
+        if kind in ("a", "a0", "b", "bc"):
+            mon = {"a": mon_a, "a0": mon_a0, "b": mon_b, "bc": mon_bc}[kind]
             with mon.step(i):
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
@@ -156,6 +161,7 @@ def main() -> None:
     mon_a.close()
     mon_a0.close()
     mon_b.close()
+    mon_bc.close()
     if wandb_run is not None:
         wandb_run.finish()
 
@@ -168,6 +174,7 @@ def main() -> None:
         ("(a) monitor attached, unsampled step (watchdog on)", "a"),
         ("(a0) monitor attached, unsampled step, watchdog off", "a0"),
         ("(b) sampled step, every module/parameter/update + flush", "b"),
+        ("(b') the same, statistics compiled (stats.compile: always)", "bc"),
         ("(d) hand-written .item() hooks, 5 statistics", "d"),
         ("(e) wandb.watch(log='all', log_freq=1)", "e"),
         ("(t) trace mode (st.Trace) around forward + backward", "t"),

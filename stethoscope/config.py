@@ -43,6 +43,9 @@ class StatsConfig(StrictModel):
     per_call: bool = Field(
         False, description="one metrics row per call of a module instead of one aggregated row"
     )
+    compile: Literal["auto", "always", "never"] = Field(
+        "auto", description="fuse the statistics with torch.compile: auto = for CUDA tensors only"
+    )
     loss_spike: float = Field(
         10.0, gt=1.0, description="a loss above this multiple of its running median is an anomaly"
     )

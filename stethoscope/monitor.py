@@ -55,7 +55,7 @@ from stethoscope.heartbeat import Heartbeat
 from stethoscope.naming import clean_name, make_filter
 from stethoscope.record import ActRecord, GradRecord, StepRecord, UpdateRecord
 from stethoscope.sampling import Schedule, SpikeDetector, schedule_from_config
-from stethoscope.stats import RAW_WIDTH, Scratch, tensor_stats
+from stethoscope.stats import RAW_WIDTH, CompiledStats, Scratch, tensor_stats
 
 _LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "LazyLinear", "Bilinear")
 
@@ -161,6 +161,7 @@ class Monitor:
         self.heartbeat = Heartbeat()
         self._collector = StepCollector(cfg.stats.eps)
         self._async = AsyncScalars()  # logged CUDA scalars of unsampled steps, read without a stall
+        self._compiled = CompiledStats(on_error=self._record_error)
         self._scratch = Scratch()  # work buffers reused by every statistic (3 x 16 MiB per device at most)
         self._metrics = rd.JsonlWriter(self.run_dir / rd.METRICS)
         self._findings_writer = rd.JsonlWriter(self.run_dir / rd.FINDINGS)
@@ -350,15 +351,22 @@ class Monitor:
         # a dead tensor's memory may have been reused; a row cached without features cannot serve one with
         if cached is not None and cached[0]() is not None and (not features or cached[1][1] is not None):
             return cached[1]
-        cfg = self.config.stats
         feats: list[torch.Tensor] = []
         with torch.autocast(t.device.type, enabled=False) if t.device.type in ("cuda", "cpu") else \
                 contextlib.nullcontext():
-            row = tensor_stats(t, cfg.eps, cfg.saturation, features=features, feature_absmax=feats,
-                               scratch=self._scratch)
+            row = self._compute_stats(t, features, feats)
         result = (row, feats[0] if feats else None)
         self._dedup[key] = (weakref.ref(t), result)
         return result
+
+    def _compute_stats(self, t: torch.Tensor, features: bool, feats: list | None) -> torch.Tensor:
+        """The eager engine, or the compiled one where ``stats.compile`` asks for it (see CompiledStats)."""
+        cfg = self.config.stats
+        mode = cfg.compile
+        if mode == "always" or (mode == "auto" and t.device.type == "cuda"):
+            return self._compiled(t, cfg.eps, cfg.saturation, features, feats, self._scratch)
+        return tensor_stats(t, cfg.eps, cfg.saturation, features=features, feature_absmax=feats,
+                            scratch=self._scratch)
 
     def _on_inputs(self, name: str, args: tuple, kwargs: dict, is_linear: bool) -> None:
         tensors = [t for _, t in iter_float_tensors((args, kwargs))]
@@ -435,7 +443,6 @@ class Monitor:
         if self._grads_read:
             return
         self._grads_read = True
-        cfg = self.config.stats
         inv = self._inverse_scale()
         for name, p in self._grad_params:
             g = p.grad
@@ -448,7 +455,7 @@ class Monitor:
                 g = g.float() * inv.to(g.device)
             with torch.autocast(g.device.type, enabled=False) if g.device.type in ("cuda", "cpu") else \
                     contextlib.nullcontext():
-                row = tensor_stats(g, cfg.eps, cfg.saturation, scratch=self._scratch)
+                row = self._compute_stats(g, False, None)
             self._collector.add(Entry("grad", name, "", 0, g.numel()), row)
 
     def _optimizer_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:

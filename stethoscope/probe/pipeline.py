@@ -354,17 +354,18 @@ def _print_summary(rows: list[dict], decision, console) -> None:
     from rich.table import Table
 
     table = Table(title="probe metrics", show_lines=False)
-    for col in ("layer", "F1", "95% CI", "leakage", "text drop", "selectivity", "status"):
+    for col in ("layer", "F1", "95% CI", "leak", "drop", "select.", "status"):
         table.add_column(col, justify="left" if col in ("layer", "status") else "right", overflow="fold")
+    short = {"go": "GO", "go_conditional": "GO (cond.)", "inconclusive": "INCONCL.", "nogo": "NOGO"}
     for r in rows:
         table.add_row(
             f"{r['representation']}:{r['layer']}",
             _f(r["target_f1"]),
-            f"{_f(r['target_f1_ci_low'])}-{_f(r['target_f1_ci_high'])}",
+            f"{_f(r['target_f1_ci_low'], 2)}-{_f(r['target_f1_ci_high'], 2)}",
             _f(r["leakage"]),
             _f(r["text_drop"]),
             _f(r["selectivity"]),
-            r["status"],
+            short.get(r["status"], r["status"]),
         )
     console.print(table)
     style = {"go": "bold green", "go_conditional": "yellow", "inconclusive": "yellow", "nogo": "bold red"}
@@ -373,8 +374,8 @@ def _print_summary(rows: list[dict], decision, console) -> None:
         console.print(f"  note: {note}")
 
 
-def _f(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 # --- report --------------------------------------------------------------------------------------

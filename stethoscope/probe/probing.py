@@ -190,6 +190,7 @@ def metric_rows(scores: LayerScores, design: Design, confidence: float) -> list[
     for i in range(L):
         row: dict = {}
         mean, std, lo, hi = M.fold_summary(pf["target_test_f1"][i], confidence)
+        lo, hi = max(lo, 0.0), min(hi, 1.0)  # an F1 lives in [0, 1]; few folds can push a t-interval out
         row.update(target_f1=mean, target_f1_std=std, target_f1_ci_low=lo, target_f1_ci_high=hi)
         row["target_acc"] = M.fold_summary(pf["target_test_acc"][i])[0]
         row["chance_f1"] = design.chance_f1

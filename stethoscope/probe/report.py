@@ -62,7 +62,7 @@ def metrics_heatmap(rows: list[dict], path: Path, decision) -> Path:
     for i in range(len(rows)):
         for j in range(len(_HEAT_COLUMNS)):
             ax.text(j, i, _f(values[i, j], 2), ha="center", va="center", fontsize=8)
-    ax.set_title("probe metrics per layer (green: passes GO, red: fails; grey: n/a)", fontsize=10)
+    ax.set_title("probe metrics per layer (green: good, red: fails its GO threshold; grey: n/a)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -168,6 +168,8 @@ def write_report(
         if per:
             lines.append("")
             lines.append("Groups per class: " + ", ".join(f"{k}: {v}" for k, v in per.items()) + ".")
+        if dataset.get("warnings"):
+            lines.append("")
         for w in dataset.get("warnings", []):
             lines.append(f"- **Warning:** {w}")
     lines += ["", "## Metrics", ""]

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import math
 
+from stethoscope._format import format_float
+
 
 def fmt(x: float | None, digits: int = 3) -> str:
     """A number for a message: ``0.123``, ``1.2e-05``, ``nan``."""
     if x is None:
         return "?"
-    x = float(x)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.{max(1, digits - 1)}e}"
-    return f"{x:.{digits}g}"
+    return format_float(float(x), digits)
 
 
 def pct(x: float | None) -> str:
