@@ -833,7 +833,7 @@ class Monitor:
                 rule.load_state_dict(self._rule_states[key])
 
     def _save_state(self) -> None:
-        rd.write_json_atomic(self.run_dir / rd.STATE, self.state_dict())
+        rd.write_json_atomic(self.run_dir / rd.STATE, self.state_dict(), indent=None)
 
     def _model_summary(self) -> dict:
         model = self._model_ref()

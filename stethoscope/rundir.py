@@ -71,12 +71,16 @@ def prepare(run_dir: str | Path, resume: bool) -> Path:
     return path
 
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    """Write ``record`` to ``path`` so that readers see the old or the new document, never half."""
+def write_json_atomic(path: Path, record: dict, indent: int | None = 2) -> None:
+    """Write ``record`` to ``path`` so that readers see the old or the new document, never half.
+
+    ``indent=None`` writes compact JSON (the monitor's state, rewritten on every sampled step).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(json_safe(record), fh, indent=2, allow_nan=False, default=str)
+            json.dump(json_safe(record), fh, indent=indent, allow_nan=False, default=str,
+                      separators=None if indent else (",", ":"))
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
