@@ -69,15 +69,6 @@ def is_summarisable(t: object) -> bool:
     )
 
 
-def _as_float32(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    if t.is_complex():
-        t = t.abs()
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    return t
-
-
 # Tensors are processed in chunks of at most this many elements, so the temporary buffers stay bounded
 # (3 x 16 MiB per device at float32) however large the tensor — logits of a big vocabulary included.
 CHUNK_ELEMENTS = 1 << 22
