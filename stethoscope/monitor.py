@@ -188,6 +188,7 @@ class Monitor:
         self._pending_scalars: dict[str, Any] = {}
         self._epoch: int | None = None
         self._rules: list[Any] = []
+        self._extensions: list[Any] = []
         self._started = _dt.datetime.now(_dt.UTC)
         self._console = get_console()
         self._quiet = cfg.console.quiet
@@ -219,6 +220,9 @@ class Monitor:
         from stethoscope.rules import default_rules
 
         self._rules = default_rules(self)  # before the state is loaded, so resumed rules get theirs
+        from stethoscope.extensions import build_extensions
+
+        self._extensions = build_extensions(self)
         if self._resumed:
             state = rd.read_json(self.run_dir / rd.STATE)
             if state:
@@ -545,6 +549,8 @@ class Monitor:
         hb.stack.clear()
         hb.step_started = hb.stamp = time.monotonic()
         self._sampling_now = self._sampled and not hb.paused
+        for ext in self._extensions:
+            self._guard(f"extension {ext.name}", ext.begin_step, step, self._sampled)
 
     def _end_step(self, failed: BaseException | None) -> None:
         step = self._step
@@ -561,6 +567,8 @@ class Monitor:
                 self._write_meta("crashed", error=self._crash_error)
             else:
                 self._crash_error = None  # a later step went through: the run did not end there
+            for ext in self._extensions:
+                self._guard(f"extension {ext.name}", ext.end_step, step, failed)
         finally:
             self._last_step = step
             self._step = None
@@ -680,6 +688,8 @@ class Monitor:
         self._guard("checking anomalies", self._check_anomalies, record)
         for rule in self._rules:
             self._guard(f"rule {getattr(rule, 'name', type(rule).__name__)}", rule.observe, record)
+        for ext in self._extensions:
+            self._guard(f"extension {ext.name}", ext.observe, record)
         self._print_line(record)
         if record.sampled:
             self._guard("saving monitor state", self._save_state)
@@ -815,6 +825,7 @@ class Monitor:
             "grad_spikes": self._grad_spikes.state_dict(),
             "findings": self.findings.state_dict(),
             "rules": {getattr(r, "name", type(r).__name__): r.state_dict() for r in self._rules},
+            "extensions": {e.name: e.state_dict() for e in self._extensions},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -831,6 +842,10 @@ class Monitor:
             key = getattr(rule, "name", type(rule).__name__)
             if key in self._rule_states:
                 rule.load_state_dict(self._rule_states[key])
+        ext_states = state.get("extensions", {})
+        for ext in self._extensions:
+            if ext.name in ext_states:
+                ext.load_state_dict(ext_states[ext.name])
 
     def _save_state(self) -> None:
         rd.write_json_atomic(self.run_dir / rd.STATE, self.state_dict(), indent=None)
@@ -879,6 +894,13 @@ class Monitor:
     def closed(self) -> bool:
         return self._closed
 
+    def extension(self, name: str) -> Any:
+        """The running extension called ``name`` (see :mod:`stethoscope.extensions`), or ``None``."""
+        for ext in getattr(self, "_extensions", []):
+            if ext.name == name:
+                return ext
+        return None
+
     def close(self, status: str | None = None) -> None:
         """Flush, run the final checks, write meta/report, and remove every hook. Safe to call twice.
 
@@ -904,6 +926,8 @@ class Monitor:
             for rule in self._rules:
                 self._guard(f"rule {getattr(rule, 'name', type(rule).__name__)}", rule.finish,
                             self._last_step)
+            for ext in self._extensions:
+                self._guard(f"extension {ext.name}", ext.close, status)
             self._guard("saving monitor state", self._save_state)
             self._write_meta(status)
         finally:
@@ -952,6 +976,9 @@ class Monitor:
         for rule in self._rules:
             with contextlib.suppress(Exception):
                 rule.detach()
+        for ext in getattr(self, "_extensions", []):
+            with contextlib.suppress(Exception):
+                ext.detach()
 
     def __enter__(self) -> Monitor:
         return self
