@@ -507,14 +507,7 @@ class Monitor:
         if self.disabled:
             yield
             return
-        if self._closed:
-            raise MonitorClosedError("Monitor.step() was called after close(); create a new Monitor")
-        if self._step is not None:
-            raise MonitorUsageError(
-                f"mon.step({step}) was entered inside mon.step({self._step}); steps cannot be nested"
-            )
-        self._flush()
-        self._begin_step(int(step))
+        self.begin_step(step)
         failed: BaseException | None = None
         try:
             yield
@@ -523,6 +516,33 @@ class Monitor:
             raise
         finally:
             self._end_step(failed)
+
+    def begin_step(self, step: int) -> None:
+        """Open step ``step`` without a ``with`` block (framework callbacks); close it with :meth:`end_step`.
+
+        Prefer ``with mon.step(i):`` in your own loop: it also sees an exception leaving the step.
+        """
+        if self.disabled:
+            return
+        if self._closed:
+            raise MonitorClosedError("Monitor.step() was called after close(); create a new Monitor")
+        if self._step is not None:
+            raise MonitorUsageError(
+                f"mon.step({step}) was entered inside mon.step({self._step}); steps cannot be nested"
+            )
+        self._flush()
+        self._begin_step(int(step))
+
+    def end_step(self, failed: BaseException | None = None) -> None:
+        """Close the step opened by :meth:`begin_step` (``failed``: the exception that ended it, if any)."""
+        if self.disabled or self._step is None:
+            return
+        self._end_step(failed)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a step is open (between ``begin_step``/``end_step`` or inside ``with mon.step``)."""
+        return not self.disabled and self._step is not None
 
     def _begin_step(self, step: int) -> None:
         self._step = step

@@ -126,3 +126,22 @@ def test_absent_module_is_skipped_silently():
     mon = FakeMonitor()
     assert build_extensions(mon, ("stethoscope.not_a_feature.extension",)) == []
     assert mon.errors == []
+
+
+def test_begin_end_step_without_a_with_block(tmp_path):
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = st.Monitor(model, opt, run_dir=tmp_path / "run", config={"console": {"quiet": True},
+                                                                  "report": {"enabled": False}})
+    for step in range(3):
+        mon.begin_step(step)
+        assert mon.in_step
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        mon.end_step()
+        assert not mon.in_step
+    mon.end_step()  # nothing open: a no-op
+    mon.close()
+    run = st.load_run(tmp_path / "run")
+    assert set(run.metrics_of("grad")["step"]) == {0, 1, 2}
