@@ -42,8 +42,27 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def dumps(record: dict) -> str:
-    return json.dumps(json_safe(record), separators=(",", ":"), allow_nan=False, default=str)
+def dumps(record: dict, indent: int | None = None) -> str:
+    """Strict JSON of ``record`` (NaN -> null, ±Inf -> "inf"/"-inf"), compact unless ``indent``.
+
+    The C encoder runs first; only a record that holds a NaN/Inf (it raises) takes the slower recursive
+    clean-up. That keeps large documents (state.json, rewritten on sampled steps) cheap to write.
+    """
+    seps = (",", ":") if indent is None else None
+    try:
+        return json.dumps(record, separators=seps, indent=indent, allow_nan=False, default=_default)
+    except ValueError:
+        return json.dumps(json_safe(record), separators=seps, indent=indent, allow_nan=False, default=str)
+
+
+def _default(value: Any) -> Any:
+    """Numpy scalars and anything else the encoder does not know (NaN inside it is caught by the caller)."""
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        item = value.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("non-finite numpy scalar")  # the json_safe path spells it
+        return item
+    return str(value)
 
 
 def prepare(run_dir: str | Path, resume: bool) -> Path:
@@ -78,10 +97,9 @@ def write_json_atomic(path: Path, record: dict, indent: int | None = 2) -> None:
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        text = dumps(record, indent=indent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(json_safe(record), fh, indent=indent, allow_nan=False, default=str,
-                      separators=None if indent else (",", ":"))
-            fh.write("\n")
+            fh.write(text + "\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
