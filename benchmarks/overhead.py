@@ -9,6 +9,8 @@ the same round. Printed: the median ratio with a bootstrap 95 % interval.
 
   (a) monitor attached, unsampled step (heartbeat only), hang watchdog on (the default)
   (a0) the same with the watchdog off: (a) / (a0) is the watchdog's own cost (issue 4: <= 1.02)
+  (am) the same as (a) with the memory monitor and the flight recorder off: (a) / (am) is their own cost on
+       an unsampled step (issue 7: <= 1.02)
   (b) sampled step: statistics of every module output, linear input, gradient and update ratio
       (including the flush that brings them to the host and writes them)
   (b') the same with the statistics fused by ``torch.compile`` (``stats.compile: always``; the compile
@@ -86,7 +88,7 @@ def main() -> None:
 
     set_console(Console(file=io.StringIO()))  # keep the benchmark output to the table
     base = build()
-    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "b": copy.deepcopy(base), "bc": copy.deepcopy(base),
+    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "am": copy.deepcopy(base), "b": copy.deepcopy(base), "bc": copy.deepcopy(base),
                 "d": copy.deepcopy(base), "t": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-4) for k, m in variants.items()}
     tmp = tempfile.mkdtemp(prefix="stethoscope-bench-")
@@ -99,6 +101,10 @@ def main() -> None:
     mon_a0 = st.Monitor(variants["a0"], optimizer=opts["a0"], run_dir=f"{tmp}/a0", schedule=lambda s: False,
                         config={"watchdog": {"enabled": False}})
     assert mon_a._watchdog is not None and mon_a0._watchdog is None
+    mon_am = st.Monitor(variants["am"], optimizer=opts["am"], run_dir=f"{tmp}/am", schedule=lambda s: False,
+                        config={"memory": {"enabled": False}, "recorder": {"enabled": False}})
+    assert mon_a.extension("memory") is not None and mon_a.extension("recorder") is not None
+    assert mon_am.extension("memory") is None and mon_am.extension("recorder") is None
     item_hooks(variants["d"])
 
     wandb_run = None
@@ -123,8 +129,8 @@ def main() -> None:
         i = steps[kind]
         steps[kind] += 1
         t0 = time.perf_counter()
-        if kind in ("a", "a0", "b", "bc"):
-            mon = {"a": mon_a, "a0": mon_a0, "b": mon_b, "bc": mon_bc}[kind]
+        if kind in ("a", "a0", "am", "b", "bc"):
+            mon = {"a": mon_a, "a0": mon_a0, "am": mon_am, "b": mon_b, "bc": mon_bc}[kind]
             with mon.step(i):
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
@@ -160,6 +166,7 @@ def main() -> None:
             times[k].append(run(k, batches[r % len(batches)]))
     mon_a.close()
     mon_a0.close()
+    mon_am.close()
     mon_b.close()
     mon_bc.close()
     if wandb_run is not None:
@@ -173,6 +180,7 @@ def main() -> None:
     rows = [
         ("(a) monitor attached, unsampled step (watchdog on)", "a"),
         ("(a0) monitor attached, unsampled step, watchdog off", "a0"),
+        ("(am) unsampled step, memory monitor + recorder off", "am"),
         ("(b) sampled step, every module/parameter/update + flush", "b"),
         ("(b') the same, statistics compiled (stats.compile: always)", "bc"),
         ("(d) hand-written .item() hooks, 5 statistics", "d"),
@@ -193,6 +201,9 @@ def main() -> None:
     print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
     med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["a0"]))
     label = "watchdog on, no stall: (a) / (a0) step time"
+    print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
+    med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["am"]))
+    label = "memory monitor + recorder on, unsampled: (a) / (am)"
     print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
 
 

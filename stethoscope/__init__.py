@@ -24,11 +24,13 @@ _EXPORTS = {
     "MonitorUsageError": "stethoscope.errors",
     "RunDirError": "stethoscope.errors",
     "StethoscopeError": "stethoscope.errors",
+    "PreflightError": "stethoscope.errors",
     "Monitor": "stethoscope.monitor",
     "Trace": "stethoscope.trace",
     "HangError": "stethoscope.watchdog",
     "Run": "stethoscope.run",
     "load_run": "stethoscope.run",
+    "preflight": "stethoscope.checks",
 }
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Monitor",
     "MonitorClosedError",
     "MonitorUsageError",
+    "PreflightError",
     "Run",
     "RunDirError",
     "StethoscopeError",
@@ -46,15 +49,18 @@ __all__ = [
     "__version__",
     "load_config",
     "load_run",
+    "preflight",
 ]
 
 if TYPE_CHECKING:
+    from stethoscope.checks import preflight
     from stethoscope.config import Config, load_config
     from stethoscope.errors import (
         ConfigError,
         CriticalFindingError,
         MonitorClosedError,
         MonitorUsageError,
+        PreflightError,
         RunDirError,
         StethoscopeError,
     )
@@ -64,7 +70,13 @@ if TYPE_CHECKING:
     from stethoscope.watchdog import HangError
 
 
+# Sub-packages reachable as attributes (``st.attention.step_by_step(...)``), imported on first use.
+_SUBPACKAGES = ("attention",)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"stethoscope.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'stethoscope' has no attribute {name!r}")
@@ -74,4 +86,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBPACKAGES))

@@ -109,20 +109,34 @@ def trace(
                                                                 "introspection)")] = False,
 ) -> None:
     """One traced forward pass of a local checkpoint: module tree, times, parameters, top-k next tokens."""
-    import importlib.util
-
     from stethoscope.hf_loading import trace_checkpoint
 
     console = get_console()
-    if attention:
-        if importlib.util.find_spec("stethoscope.attention") is None:
-            console.print("--attention: attention introspection is not available yet in this version; "
-                          "tracing without it", soft_wrap=True)
-        else:
-            console.print("--attention: attention introspection is installed but not wired into "
-                          "`stethoscope trace` yet; tracing without it", soft_wrap=True)
-    trace_checkpoint(model_dir, text, depth=depth, top_k=top_k, repeats=repeats, stats=stats or None, out=out,
-                     warmup=warmup, console=console)
+    result = trace_checkpoint(model_dir, text, depth=depth, top_k=top_k, repeats=repeats, stats=stats or None,
+                              out=out, warmup=warmup, console=console)
+    if attention:  # step by step: Q/K/V, scores, masks, softmax rows, loss, top-k, heatmaps
+        from stethoscope.attention.stepwise import trace_attention
+
+        trace_attention(model_dir, text, out=result["trace_path"].parent / "attention", top_k=top_k,
+                        console=console)
+
+
+@app.command()
+def check(
+    model_dir: Annotated[Path, typer.Argument(help="a local Hugging Face checkpoint folder (save_pretrained)")],
+    optimizer_config: Annotated[Path | None, typer.Option(
+        help="YAML/JSON optimizer spec (default: AdamW 5e-5, weight decay 0.01 except biases and norms)")] = None,
+    fail_on: Annotated[str, typer.Option(help="exit 1 when a finding reaches this level: warning or "
+                                              "critical")] = "critical",
+    as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="also append the findings to OUT/findings.jsonl")] = None,
+) -> None:
+    """Preflight checks of a checkpoint and its optimizer: groups, special tokens, learning rate, init."""
+    from stethoscope.checks.command import run_check
+
+    code = run_check(model_dir, optimizer_config, fail_on, as_json, out, get_console())
+    if code:
+        raise typer.Exit(code)
 
 
 def _mount_optional() -> None:

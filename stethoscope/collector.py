@@ -30,6 +30,7 @@ class Entry:
     count: int = 0  # elements in the tensor (host-known)
     features: int = 0  # last-dimension size when dead features were counted
     width: int = RAW_WIDTH
+    parts: int = 1  # device tensors the row was queued as (joined at fetch)
     device: torch.device | None = None
     offset: int = 0  # into the device's concatenated buffer, set by fetch()
     extra: dict = field(default_factory=dict)
@@ -53,12 +54,19 @@ class StepCollector:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, entry: Entry, row: torch.Tensor) -> None:
-        """Queue a 1-D device row (float32)."""
-        entry.width = int(row.numel())
+    def add(self, entry: Entry, row: torch.Tensor, *more: torch.Tensor) -> None:
+        """Queue a 1-D float32 device row; ``more`` parts (same device) are appended to it without a ``cat``
+        here (the one ``cat`` at :meth:`fetch` joins everything)."""
         entry.device = row.device
+        width = 0
+        for part in (row, *more):
+            if part.dim() != 1 or part.dtype != torch.float32:
+                part = part.reshape(-1).to(torch.float32)
+            width += part.shape[0]
+            self._rows.append(part)
+        entry.width = width
+        entry.parts = 1 + len(more)
         self.entries.append(entry)
-        self._rows.append(row.reshape(-1).to(torch.float32))
 
     def add_feature_absmax(self, key: tuple, per_feature: torch.Tensor) -> None:
         """Merge a call's per-feature max |x| into the step's running max for ``key``."""
@@ -83,8 +91,12 @@ class StepCollector:
         feature_keys = list(self._features)
         dead_rows = [torch.le(self._features[k], self.eps).sum().to(torch.float32) for k in feature_keys]
         by_device: dict[torch.device, list[int]] = {}
+        starts = []  # each entry's first part in self._rows
+        pos = 0
         for i, entry in enumerate(self.entries):
             by_device.setdefault(entry.device, []).append(i)
+            starts.append(pos)
+            pos += entry.parts
         dead_device = {}
         for j, k in enumerate(feature_keys):
             dead_device.setdefault(self._features[k].device, []).append(j)
@@ -93,7 +105,8 @@ class StepCollector:
         for device in set(by_device) | set(dead_device):
             idx = by_device.get(device, [])
             didx = dead_device.get(device, [])
-            parts = [self._rows[i] for i in idx] + [dead_rows[j].reshape(1) for j in didx]
+            parts = [p for i in idx for p in self._rows[starts[i]:starts[i] + self.entries[i].parts]]
+            parts += [dead_rows[j].reshape(1) for j in didx]
             if not parts:
                 continue
             host = to_host(torch.cat(parts))

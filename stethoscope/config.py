@@ -113,12 +113,61 @@ class AttentionConfig(StrictModel):
     row_sum_tol: float = Field(1.0e-3, gt=0.0)
     sink_share: float = Field(0.5, gt=0.0, le=1.0)
     max_tokens: int = Field(10, ge=1)
+    modules: str | list[str] = Field(
+        "", description="patterns of plain modules whose output is (output, attention weights); '' = none"
+    )
 
 
 class MemoryConfig(StrictModel):
     """Memory monitoring (see docs/memory.md)."""
 
-    leak_window: int = Field(50, ge=3)
+    enabled: bool = Field(True, description="read process RSS (and CUDA memory) at the end of every step")
+    leak_window: int = Field(50, ge=3, description="steps over which steady growth is judged a leak")
+    every: int = Field(10, ge=1, description="write a memory row every N steps (and on sampled steps)")
+    snapshots: int = Field(
+        2, ge=0, description="leak investigations per run (two live-tensor snapshots each); 0 = never"
+    )
+    snapshot_gap: int = Field(5, ge=1, description="steps between the two snapshots of an investigation")
+    oom_dump: bool = Field(True, description="an out-of-memory error in a step writes crash-*.txt + memory.oom")
+    input_shapes: bool = Field(True, description="remember the shapes of the model's inputs (for OOM context)")
+
+
+class RecorderConfig(StrictModel):
+    """The crash flight recorder (see docs/recorder.md): DEBUG events kept in memory, written on a crash."""
+
+    enabled: bool = Field(True, description="keep the ring buffer and write crash-*.txt / .jsonl on a crash")
+    capacity: int = Field(4096, ge=16, description="events kept (the oldest are dropped)")
+    max_entry_chars: int = Field(1000, ge=80, description="longest text of one event; longer is cut")
+    module_events: int = Field(
+        2048, ge=0, description="module enter/exit events kept in their own ring; 0 = no module hooks"
+    )
+    level: str = Field("DEBUG", description="logging level captured for loggers without a level of their own")
+    levels: dict[str, str] = Field(
+        default_factory=dict, description="logger name -> captured level (e.g. {urllib3: WARNING})"
+    )
+    on_exception: bool = Field(True, description="dump when an exception leaves a monitored step")
+    on_sigterm: bool = Field(True, description="dump on SIGTERM (main thread; the previous handler runs after)")
+    on_nonfinite_loss: bool = Field(False, description="dump the first time a logged loss is NaN or Inf")
+
+    @field_validator("level")
+    @classmethod
+    def _level_name(cls, value: str) -> str:
+        return _log_level(value)
+
+    @field_validator("levels")
+    @classmethod
+    def _level_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return {str(k): _log_level(v) for k, v in value.items()}
+
+
+def _log_level(value: Any) -> str:
+    """A logging level name (DEBUG, INFO, WARNING, ERROR, CRITICAL, NOTSET), upper-cased, or ValueError."""
+    name = str(value).strip().upper()
+    if name == "WARN":
+        name = "WARNING"
+    if name not in ("NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"not a logging level: {value!r} (use DEBUG, INFO, WARNING, ERROR or CRITICAL)")
+    return name
 
 
 class ConsoleConfig(StrictModel):
@@ -145,6 +194,30 @@ class ReportConfig(StrictModel):
     plots: bool = Field(True, description="draw the figures (matplotlib, ~0.1-0.3 s each); False = tables only")
 
 
+class TensorBoardConfig(StrictModel):
+    """The TensorBoard sink (docs/tensorboard.md): off by default; needs ``pip install stethoscope[tensorboard]``."""
+
+    enabled: bool = Field(False, description="write TensorBoard event files with torch's SummaryWriter")
+    log_dir: str | None = Field(
+        None, description="event file folder; null = <run_dir>/tensorboard (rank{N}/ appended when distributed)"
+    )
+    histograms: bool = Field(True, description="per-parameter / per-module histograms on sampled steps")
+
+
+class DistributedConfig(StrictModel):
+    """Multi-process runs under torch.distributed (docs/distributed.md)."""
+
+    reduce_grad_stats: bool = Field(
+        False, description="also reduce gradient statistics across ranks (a collective on scheduled steps)"
+    )
+    merge_timeout: float = Field(
+        60.0, ge=0.0, description="seconds rank 0 waits at close for the other ranks before merging"
+    )
+    heartbeat_seconds: float = Field(
+        1.0, gt=0.0, description="how often each rank publishes rank{N}/heartbeat.json (watchdog thread)"
+    )
+
+
 class Config(StrictRootModel):
     """The whole monitor configuration. ``Config()`` is the documented default."""
 
@@ -156,9 +229,12 @@ class Config(StrictRootModel):
     trace: TraceConfig = Field(default_factory=TraceConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    recorder: RecorderConfig = Field(default_factory=RecorderConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     stop_on: Literal["critical"] | None = None
 
     @field_validator("stop_on", mode="before")

@@ -51,3 +51,21 @@ class MissingDependencyError(StethoscopeError, ImportError):
             f"{purpose} needs the optional package {package!r}, which is not installed. "
             f"Install it with: pip install 'stethoscope[{extra}]'"
         )
+
+
+class PreflightError(StethoscopeError, ValueError):
+    """``st.preflight(..., strict=True)`` found problems; the message lists every one of them at once.
+
+    Attributes:
+        findings: the preflight findings (warning and critical ones first), each with ``code``, ``target``,
+            ``message`` and ``hint``.
+    """
+
+    def __init__(self, findings: list):
+        self.findings = list(findings)
+        lines = [
+            f"  [{f.severity}] {f.code} {f.target or '-'}: {f.message} -> fix: {f.hint}" for f in self.findings
+        ]
+        super().__init__(
+            f"preflight found {len(self.findings)} problem(s) (strict=True):\n" + "\n".join(lines)
+        )

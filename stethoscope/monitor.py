@@ -162,7 +162,7 @@ class Monitor:
         self._collector = StepCollector(cfg.stats.eps)
         self._async = AsyncScalars()  # logged CUDA scalars of unsampled steps, read without a stall
         self._compiled = CompiledStats(on_error=self._record_error)
-        self._scratch = Scratch()  # work buffers reused by every statistic (3 x 16 MiB per device at most)
+        self._scratch = Scratch()  # work buffers reused by every statistic (3 x 2 MiB per device at most)
         self._metrics = rd.JsonlWriter(self.run_dir / rd.METRICS)
         self._findings_writer = rd.JsonlWriter(self.run_dir / rd.FINDINGS)
         self.findings = FindingLog(self._findings_writer, rank=self.rank, on_open=self._on_finding_open)
@@ -178,6 +178,9 @@ class Monitor:
         self._sampled = False
         self._sampling_now = False  # inside a sampled step and not paused: hooks compute statistics
         self._grads_read = False
+        # False when a framework callback calls after_backward() itself from a hook that runs inside the
+        # optimizer's step() after its closure (Lightning): the step pre-hook then only snapshots for updates
+        self.read_grads_at_optimizer_step = True
         self._grad_marks: list = []  # per watched parameter: (weakref to its grad, version) at step start
         self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
         self._calls: dict[str, int] = {}
@@ -377,11 +380,15 @@ class Monitor:
         if not tensors:
             self._input_flags.setdefault(name, []).append(None)
             return
-        # A finite sum proves every entry finite; one device scalar, no host read.
-        sums = torch.stack([t.detach().sum(dtype=torch.float32).to(tensors[0].device) for t in tensors])
+        # A finite sum proves every entry finite: one device scalar (the sum of the inputs' sums), no host
+        # read; the host reads a non-finite flag as "an input was not finite".
+        if len(tensors) == 1:
+            flag = tensors[0].detach().sum(dtype=torch.float32).reshape(1)
+        else:
+            device = tensors[0].device
+            flag = torch.stack([t.detach().sum(dtype=torch.float32).to(device) for t in tensors]).sum().reshape(1)
         # a stack per name: a module that calls itself keeps each call's own flag
-        self._input_flags.setdefault(name, []).append(
-            (~torch.isfinite(sums)).any().to(torch.float32).reshape(1))
+        self._input_flags.setdefault(name, []).append(flag)
         if is_linear:
             x = tensors[0]
             features = x.dim() >= 2
@@ -400,12 +407,11 @@ class Monitor:
         for path, t in iter_float_tensors(output):
             features = t.dim() >= 2
             row, per_feature = self._stats_row(t, features)
-            if flag is None:
-                flag_t = torch.zeros(1, dtype=torch.float32, device=row.device)
-            else:
-                flag_t = flag.to(row.device)
             entry = Entry("act", name, path, call, t.numel(), t.shape[-1] if features else 0)
-            self._collector.add(entry, torch.cat([row, flag_t]))
+            if flag is None:  # no floating input: nothing to blame upstream
+                self._collector.add(entry, row)
+            else:  # (RAW_WIDTH + 1,) at the host: the row, then the inputs' flag
+                self._collector.add(entry, row, flag.to(row.device))
             if per_feature is not None and not self.config.stats.per_call:
                 self._collector.add_feature_absmax(("act", name, path), per_feature)
 
@@ -468,7 +474,10 @@ class Monitor:
         self._guard("optimizer step pre-hook", self._before_optimizer_step)
 
     def _before_optimizer_step(self) -> None:
-        self._read_grads()
+        # A closure optimizer (LBFGS; Lightning in fp32) enters step() before its forward and backward run:
+        # the gradients are read only once a backward has written them (else after_backward or the step's end)
+        if self.read_grads_at_optimizer_step and self._grads_changed():
+            self._read_grads()
         self._update_snapshot = []
         if not self._update_params:
             return
@@ -735,7 +744,7 @@ class Monitor:
                     order.append(key)
                 act_groups[key].append((entry, row))
                 if entry.kind == "act":
-                    finite_in = not (row.shape[0] > RAW_WIDTH and row[RAW_WIDTH] > 0)
+                    finite_in = not (row.shape[0] > RAW_WIDTH and not math.isfinite(row[RAW_WIDTH]))
                     record.act_calls.append((entry.name, entry.output, entry.call,
                                              float(row[0]), finite_in))
             elif entry.kind == "grad":
@@ -748,6 +757,8 @@ class Monitor:
                     dn, wn = float(row[i]), float(row[n + i])
                     ratio = dn / wn if wn > 0 else (math.inf if dn > 0 else 0.0)
                     record.updates[name] = UpdateRecord(name, dn, wn, ratio)
+            else:  # a kind an extension queued (e.g. attn): handed over as it came
+                record.extras.setdefault(entry.kind, []).append((entry, row))
         for key in order:
             kind, name, output, call = key
             group = act_groups[key]

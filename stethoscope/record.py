@@ -49,6 +49,9 @@ class StepRecord:
     # Every module call in finish order (post-hook order: a child before its parent):
     # (name, output path, call index, non-finite count, inputs were finite)
     act_calls: list[tuple[str, str, int, float, bool]] = field(default_factory=list)
+    # Rows of kinds the monitor does not read itself, queued by extensions on the step's collector:
+    # kind -> [(Entry, host row)] in queue order (e.g. "attn": per-head attention statistics).
+    extras: dict[str, list] = field(default_factory=dict)
 
     @property
     def grad_norm(self) -> float:

@@ -127,7 +127,10 @@ class Run:
             (p for p in self.path.glob("rank*") if p.is_dir() and p.name[4:].isdigit()),
             key=lambda p: int(p.name[4:]),
         )
-        dirs = [self.path] if (self.path / rd.META).is_file() or not self.rank_dirs else self.rank_dirs
+        top = rd.read_json(self.path / rd.META) if self.rank_dirs else None
+        merged = bool(top and top.get("merged"))  # rank 0 merged the ranks at close (docs/distributed.md)
+        dirs = [self.path] if ((self.path / rd.META).is_file() and not merged) or not self.rank_dirs \
+            else self.rank_dirs
         if not any((d / rd.META).is_file() or (d / rd.METRICS).is_file() for d in dirs):
             raise RunDirError(
                 f"{str(self.path)!r} is not a stethoscope run directory (no meta.json or metrics.jsonl); "
@@ -135,8 +138,11 @@ class Run:
             )
         self._dirs = dirs
         self.metas = [rd.read_json(d / rd.META) or {} for d in dirs]
-        self.meta: dict = self.metas[0] if self.metas else {}
-        self.events: list[dict] = [ev for d in dirs for ev in rd.read_jsonl(d / rd.FINDINGS)]
+        self.meta: dict = top if merged else (self.metas[0] if self.metas else {})
+        if merged and not top.get("missing_ranks"):  # the merged events; else the ranks' own, read live
+            self.events: list[dict] = list(rd.read_jsonl(self.path / rd.FINDINGS))
+        else:
+            self.events = [ev for d in dirs for ev in rd.read_jsonl(d / rd.FINDINGS)]
         self.findings: list[Finding] = fold_findings(self.events)
         self._metrics: pd.DataFrame | None = None
 

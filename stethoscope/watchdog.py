@@ -268,6 +268,9 @@ class Watchdog:
         self._pending_raise: HangError | None = None
         self._old_handler: Any = None
         self._signal_installed = False
+        # Multi-rank runs (stethoscope.distributed): publishes this rank's heartbeat on each look and
+        # says, on a stall, which rank is stuck and which wait. None when not distributed.
+        self.peers: Any = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Watchdog:
@@ -298,6 +301,8 @@ class Watchdog:
         while not self._stop.wait(self.poll):
             try:
                 self.check()
+                if self.peers is not None:
+                    self.peers.tick(self)
             except Exception as exc:  # the watchdog must never take the run down by accident
                 with contextlib.suppress(Exception):
                     self.findings.report(
@@ -361,6 +366,10 @@ class Watchdog:
     ) -> None:
         frames = frames_of(sys._current_frames().get(self.training_thread))
         cls = classify_frames(frames)
+        ranks = self._rank_view()
+        if ranks is not None and ranks.get("waiting_for"):  # the all-reduce runs in C++: say whom we wait for
+            who = ", ".join(f"rank {r}" for r in ranks["waiting_for"])
+            cls = Classification(COLLECTIVE, f"waiting for {who} (see data.ranks)", cls.frame, cls.innermost)
         path = self.write_dump(
             f"stall{' (still stuck)' if repeat else ''}",
             snap=snap,
@@ -368,6 +377,7 @@ class Watchdog:
             threshold=threshold,
             first_call=first_call,
             classification=cls,
+            extra_lines=self.peers.dump_lines(ranks) if ranks is not None else None,
         )
         stall.dumps.append(path)
         stall.last_report = now
@@ -390,6 +400,10 @@ class Watchdog:
             "dump": path.name,
             "dumps": [p.name for p in stall.dumps],
         }
+        if ranks is not None:
+            if ranks.get("message"):
+                message += f"; {ranks['message']}"
+            data.update({k: v for k, v in ranks.items() if k != "message"})
         self.findings.report(
             CODE, stall.target, severity, round(idle, 3), threshold, message, hint, snap["step"], data=data
         )
@@ -406,6 +420,15 @@ class Watchdog:
         if cls.kind != COMPILING and not stall.acted:  # a compile is waited for, never interrupted
             stall.acted = True
             self._act(path, message)
+
+    def _rank_view(self) -> dict | None:
+        """Every rank's state from the published heartbeats (None when not distributed or unreadable)."""
+        if self.peers is None:
+            return None
+        try:
+            return self.peers.attribute(self, self.peers.snapshot(self.hb, self.training_thread))
+        except Exception:  # a missing or torn file must not cost the dump
+            return None
 
     def _where(self, snap: dict) -> str:
         if snap["stack"]:
@@ -514,6 +537,7 @@ class Watchdog:
         threshold: float | None = None,
         first_call: bool | None = None,
         classification: Classification | None = None,
+        extra_lines: list[str] | None = None,
     ) -> Path:
         """Write ``hang-<time>.txt`` now and return its path (what SIGUSR1 and a stall both do)."""
         with self._lock:
@@ -557,6 +581,7 @@ class Watchdog:
                 )
             else:
                 lines.append("  (no module running: " + (self._where(snap)) + ")")
+            lines += extra_lines or []
             mem = device_memory()
             lines += ["", "device memory:", f"  {mem}" if mem else "  (no CUDA device in use)", ""]
             lines.append(f"Python stacks of all threads (training thread id {self.training_thread}):")

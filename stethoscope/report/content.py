@@ -267,7 +267,7 @@ def finding_rows(run: Run) -> list[FindingRow]:
             FindingRow(
                 severity=f.severity,
                 code=f.code,
-                target=f.target or "—",
+                target=(f.target or "—") + (f" (rank {f.rank})" if f.rank is not None else ""),
                 value=fmt(f.worst_value),
                 threshold=fmt(f.threshold),
                 started="preflight" if f.first_step is None else str(f.first_step),
@@ -779,6 +779,11 @@ _MEMORY_SKIP = {"schema_version", "step", "kind", "name", "rank", "calls"}
 
 
 def _memory(run: Run) -> Section | None:
+    from stethoscope.memory.report import memory_section  # the memory monitor's rows (docs/memory.md)
+
+    section = memory_section(run)
+    if section is not None:
+        return section
     mem = run.metrics_of("memory")
     if mem.empty:
         return None
@@ -1157,8 +1162,15 @@ def _dumps(run: Run) -> Section | None:
     return section
 
 
+def _preflight(run: Run) -> Section | None:
+    from stethoscope.checks.report import preflight_section
+
+    return preflight_section(run)
+
+
 SECTION_BUILDERS: list[Callable[[Run], Section | None]] = [
     _dumps,
+    _preflight,
     _training,
     _gradients,
     _activations,

@@ -114,7 +114,8 @@ def test_unsampled_steps_write_no_act_or_grad_rows(tiny_mlp, run_dir):
     for kind in ("act", "grad", "update", "input"):
         assert set(rows(path, kind)["step"]) == {2}, kind
     metrics = st.load_run(path).metrics
-    assert set(metrics[metrics["step"] != 2]["kind"]) == {"scalar"}
+    # scalars, and the memory monitor's rows (every memory.every steps, sampled or not: docs/memory.md)
+    assert set(metrics[metrics["step"] != 2]["kind"]) == {"scalar", "memory"}
 
 
 def test_spike_detector_state_round_trip():

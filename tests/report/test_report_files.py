@@ -25,8 +25,10 @@ def test_close_writes_both_files_and_the_page_is_self_contained(gpt2_run):
         assert f'data-plot="{plot_id}"' in html and f"report_files/{plot_id}.png" in md
         assert (gpt2_run / "report_files" / f"{plot_id}.png").stat().st_size > 1000
     # sections without data are absent
-    for missing in ("memory", "attention", "dumps"):
+    for missing in ("memory", "dumps"):
         assert f'<section id="{missing}"' not in html
+    # the monitor captured the attention: per-head entropy / sink share over layers x heads
+    assert '<section id="attention"' in html and 'data-plot="attention"' in html
     # the monitor's per-module profile: slowest modules by self time
     assert ('<section id="timing"' in html) == (gpt2_run / "profile.json").is_file()
     assert len(html) < 2_000_000

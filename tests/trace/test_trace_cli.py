@@ -77,7 +77,9 @@ def test_trace_real_minilm_has_no_lm_head(monkeypatch, capsys, console_text, tmp
     assert code == 0, out
     assert "BertModel" in out and "encoder" in out
     assert "no next-token predictions: BertModel has no language-model head" in out
-    assert "--attention" in out and "not" in out  # accepted; says it is not available (yet)
+    # --attention: step by step for an encoder; no predictions without a language-model head
+    assert "attention step by step · BertModel" in out and "(sum=1.0000)" in out
+    assert (tmp_path / "m" / "attention" / "step-by-step.log").is_file()
     assert (tmp_path / "m" / "trace.jsonl").exists()
 
 

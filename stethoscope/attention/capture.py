@@ -1,0 +1,336 @@
+"""Getting at attention probabilities without changing what the model computes.
+
+Three sources, one record (:class:`AttentionCall`) handed to whoever listens:
+
+* **Hugging Face models** dispatch every attention through ``transformers``' ``AttentionInterface`` by the name
+  in ``config._attn_implementation`` (``sdpa``, ``eager``, ...). :class:`HFCapture` registers a function under
+  ``stethoscope_<name>`` that calls the model's own implementation unchanged and then shows the call —
+  queries, keys, values, the mask as given, scaling, the output and any weights it returned — to its
+  listeners; it points each config at that name and restores the original on :meth:`HFCapture.remove`. The
+  mask builder gets the original implementation's mask function under the new name, so the model builds the
+  very same mask. ``flash_attention_*``, ``flex_attention`` and ``paged|*`` are left alone (see
+  docs/attention.md).
+* **Modules that keep their weights**: a module with ``keep_attn`` and ``last_attn`` attributes (the demo's
+  ``CausalSelfAttention``) stores its probabilities when ``keep_attn`` is on.
+* **Modules that return their weights**: ``nn.MultiheadAttention`` and modules named by ``attention.modules``
+  return ``(output, weights)``; the first 4-D (B, nh, T, S) or 3-D (B, T, S) tensor after the output is read.
+
+Nothing here touches autograd or the random number generator: listeners run under ``no_grad`` and never
+call dropout with a non-zero probability.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+PREFIX = "stethoscope_"
+# Implementations that are wrapped: the ones whose kernels are plain (eager, SDPA) or user-registered.
+# Flash and flex kernels read the implementation name in several places of transformers (padding-free
+# paths, mask formats), so renaming them could change the computation; they are left alone.
+_NOT_WRAPPED = re.compile(r"^(flash_attention|flex_attention|paged\||kernels-community/)|/")
+
+
+@dataclass
+class AttentionCall:
+    """One attention computation, as a listener sees it.
+
+    Attributes:
+        name: the attention module's name as ``named_modules()`` spells it.
+        module: the module itself (only valid during the call).
+        query: (B, nh, Tq, hs) — None for module captures.
+        key, value: (B, nkv, Tk, hs); ``nkv`` < ``nh`` with grouped-query attention.
+        mask: the mask as the implementation received it: additive float, boolean (True = attend) or None.
+        scaling: the factor the scores are multiplied by.
+        causal: whether the module is meant to be causal (``is_causal``): the truth leaks are measured against.
+        implicit_causal: the implementation applies a causal mask itself when ``mask`` is None (SDPA's
+            ``is_causal``).
+        weights: probabilities the implementation or module returned, (B, nh, Tq, Tk), or None.
+        weights_pre_dropout: ``weights`` are the probabilities before dropout (eval, or no dropout).
+        softcap, position_bias: score transforms some families apply before the mask.
+        implementation: the original implementation's name (``sdpa``, ``eager``, ``module`` ...).
+        rerun: calls the original implementation again without dropout and returns its weights (eager
+            capture when dropout was on); None when not possible.
+    """
+
+    name: str
+    module: nn.Module
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    scaling: float | None = None
+    causal: bool = False
+    implicit_causal: bool = False
+    weights: torch.Tensor | None = None
+    weights_pre_dropout: bool = True
+    softcap: float | None = None
+    position_bias: torch.Tensor | None = None
+    implementation: str = "module"
+    rerun: Callable[[], torch.Tensor | None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+Listener = Callable[[AttentionCall], None]
+
+
+def _is_compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+# ---------------------------------------------------------------------- Hugging Face
+# module -> [(capture, name)]: the captures watching it (a monitor and a step-by-step run may overlap)
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_REGISTERED: set[str] = set()
+
+
+def _modeling_module(module: nn.Module) -> Any:
+    return sys.modules.get(type(module).__module__)
+
+
+def original_function(module: nn.Module, implementation: str) -> Callable | None:
+    """The function ``module`` would call for ``implementation`` without stethoscope in between.
+
+    ``eager`` is each family's own ``eager_attention_forward`` (the default its modeling file passes to
+    ``get_interface``); anything else comes from the attention interface the modeling file uses (a family may
+    override an entry locally).
+    """
+    mod = _modeling_module(module)
+    if implementation == "eager":
+        fn = getattr(mod, "eager_attention_forward", None)
+        return fn if callable(fn) else None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = getattr(mod, "ALL_ATTENTION_FUNCTIONS", None) or ALL_ATTENTION_FUNCTIONS
+    try:
+        return interface[implementation]
+    except KeyError:
+        return None
+
+
+def _wrapper(implementation: str) -> Callable:
+    """The function registered as ``stethoscope_<implementation>``."""
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        fn = original_function(module, implementation)
+        if fn is None:  # pragma: no cover - checked when the capture was installed
+            raise RuntimeError(f"stethoscope: no original attention function for {implementation!r}")
+        out = fn(module, query, key, value, attention_mask, *args, **kwargs)
+        watchers = _WATCHED.get(module)
+        if watchers and not _is_compiling():
+            call = None
+            for capture, name in list(watchers):
+                if call is None:
+                    call = _hf_call(name, module, implementation, fn, query, key, value, attention_mask, args,
+                                    kwargs, out)
+                capture.dispatch(call)
+        return out
+
+    attention.__name__ = f"stethoscope_{implementation}_attention"
+    attention.__qualname__ = attention.__name__
+    return attention
+
+
+def _register(implementation: str) -> str:
+    """Register the wrapper (and the original's mask function) under ``stethoscope_<implementation>``."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = PREFIX + implementation
+    if name in _REGISTERED:
+        return name
+    AttentionInterface.register(name, _wrapper(implementation))
+    # The mask builder looks the implementation up by name; without an entry it builds no mask at all, which
+    # is also what an implementation registered without a mask function gets.
+    if implementation in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    _REGISTERED.add(name)
+    return name
+
+
+def _hf_call(name, module, implementation, fn, query, key, value, mask, args, kwargs, out) -> AttentionCall:
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    dropout = float(kwargs.get("dropout", 0.0) or 0.0)
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    weights = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor) else None
+    pre_dropout = dropout == 0.0 or not module.training
+
+    def rerun() -> torch.Tensor | None:
+        kw = dict(kwargs)
+        kw["dropout"] = 0.0  # dropout with p = 0 returns its input and draws no random numbers
+        with torch.no_grad():
+            again = fn(module, query, key, value, mask, *args, **kw)
+        return again[1] if isinstance(again, tuple) and len(again) > 1 else None
+
+    return AttentionCall(
+        name=name,
+        module=module,
+        query=query,
+        key=key,
+        value=value,
+        mask=mask,
+        scaling=float(scaling),
+        causal=causal,
+        # SDPA (and implementations like it) apply `is_causal` themselves when no mask is given; eager does not
+        implicit_causal=implementation != "eager" and causal,
+        weights=weights,
+        weights_pre_dropout=pre_dropout,
+        softcap=kwargs.get("softcap"),
+        position_bias=kwargs.get("position_bias"),
+        implementation=implementation,
+        rerun=None if pre_dropout else rerun,
+    )
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """Every distinct transformers config the model's modules hold (sub-models may have their own)."""
+    try:
+        from transformers import PretrainedConfig
+    except ImportError:  # pragma: no cover - transformers is optional
+        return []
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig) and id(cfg) not in seen:
+            seen[id(cfg)] = cfg
+            stack = [cfg]
+            while stack:  # sub-configs (vision/text towers) carry their own implementation
+                c = stack.pop()
+                for key in getattr(c, "sub_configs", {}) or {}:
+                    sub = getattr(c, key, None)
+                    if isinstance(sub, PretrainedConfig) and id(sub) not in seen:
+                        seen[id(sub)] = sub
+                        stack.append(sub)
+    return list(seen.values())
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """True when some module of ``model`` holds a transformers config (so attention goes through the interface)."""
+    if "transformers" not in sys.modules:
+        return False
+    return bool(_configs(model))
+
+
+class HFCapture:
+    """Route a Hugging Face model's attention through stethoscope's wrapper while installed.
+
+    Args:
+        model: any module containing transformers models (a ``PreTrainedModel`` or a wrapper around one).
+        names: module -> name, as findings should spell it.
+        eager: switch to each family's eager attention (what ``output_attentions`` uses) instead of keeping
+            the current implementation.
+
+    Attributes:
+        implementations: original implementation name -> what was done with it ("wrapped", or why not).
+    """
+
+    def __init__(self, model: nn.Module, names: dict[nn.Module, str], eager: bool = False):
+        self.listeners: list[Listener] = []
+        self._restore: list[tuple[Any, str]] = []  # (config, original _attn_implementation_internal)
+        self._watched: list[weakref.ref] = []
+        self.implementations: dict[str, str] = {}
+        configs = _configs(model)
+        samples: dict[int, nn.Module] = {}  # config id -> one module reading it (to find its family's eager)
+        for module in model.modules():
+            cfg = getattr(module, "config", None)
+            if cfg is not None and id(cfg) not in samples:
+                samples[id(cfg)] = module
+        for cfg in configs:
+            current = getattr(cfg, "_attn_implementation", None)
+            if not isinstance(current, str) or not current:
+                continue
+            original = current[len(PREFIX):] if current.startswith(PREFIX) else current
+            wanted = "eager" if eager else original
+            if _NOT_WRAPPED.search(wanted):
+                self.implementations[original] = f"not captured: {wanted} kernels are left alone"
+                continue
+            if wanted == "eager" and getattr(cfg, "reorder_and_upcast_attn", False):
+                self.implementations[original] = "not captured: GPT-2's reorder_and_upcast_attn path is eager-only"
+                continue
+            sample = samples.get(id(cfg))
+            if wanted == "eager" and sample is not None and original_function(sample, "eager") is None:
+                self.implementations[original] = "not captured: the model's file has no eager_attention_forward"
+                continue
+            target = _register(wanted)
+            if current != target:
+                self._restore.append((cfg, current))
+                cfg._attn_implementation_internal = target  # not the setter: sub-configs are handled one by one
+            self.implementations[original] = "wrapped" if not eager else f"wrapped (switched to eager from {original})"
+        for module, name in names.items():
+            if _looks_like_hf_attention(module):
+                _WATCHED.setdefault(module, []).append((self, name))
+                self._watched.append(weakref.ref(module))
+
+    @property
+    def active(self) -> bool:
+        """Some config was routed through the wrapper and some attention module is watched."""
+        wrapped = any(v.startswith("wrapped") for v in self.implementations.values())
+        return wrapped and bool(self._watched)
+
+    def dispatch(self, call: AttentionCall) -> None:
+        for listener in list(self.listeners):
+            listener(call)
+
+    def remove(self) -> None:
+        """Restore every config's implementation and stop watching (safe to call twice)."""
+        for cfg, value in reversed(self._restore):
+            cfg._attn_implementation_internal = value
+        self._restore = []
+        for ref in self._watched:
+            module = ref()
+            if module is None:
+                continue
+            watchers = _WATCHED.get(module)
+            if watchers:
+                watchers[:] = [w for w in watchers if w[0] is not self]
+                if not watchers:
+                    _WATCHED.pop(module, None)
+        self._watched = []
+        self.listeners = []
+
+
+def _looks_like_hf_attention(module: nn.Module) -> bool:
+    """An attention module of a transformers model: it reads its config and lives in a modeling file that
+    dispatches through the attention interface."""
+    mod = _modeling_module(module)
+    if mod is None or not getattr(mod, "__name__", "").startswith("transformers."):
+        return False
+    return hasattr(module, "config") and hasattr(mod, "ALL_ATTENTION_FUNCTIONS")
+
+
+# ---------------------------------------------------------------------- plain modules
+def keeps_weights(module: nn.Module) -> bool:
+    """The demo's protocol: ``keep_attn`` switches storing the probabilities on ``last_attn``."""
+    return hasattr(module, "keep_attn") and hasattr(module, "last_attn")
+
+
+def module_causal(module: nn.Module) -> bool:
+    """Whether a plain attention module is meant to be causal: its ``is_causal`` attribute, else its class name."""
+    flag = getattr(module, "is_causal", None)
+    if isinstance(flag, bool):
+        return flag
+    return "causal" in type(module).__name__.lower()
+
+
+def returned_weights(output: Any) -> torch.Tensor | None:
+    """The attention weights in a ``(output, weights, ...)`` tuple: the first 4-D, else 3-D, float tensor."""
+    if not isinstance(output, tuple | list) or len(output) < 2:
+        return None
+    for want in (4, 3):
+        for t in output[1:]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == want:
+                return t if want == 4 else t.unsqueeze(1)  # (B, T, S): heads averaged -> one "head"
+    return None

@@ -1,0 +1,300 @@
+"""Attention probabilities from a captured call, and the per-head statistics the invariant checks read.
+
+Everything here runs on the tensors' device and returns device tensors: the monitor brings one row per
+attention call to the host together with the rest of the step (one transfer per sampled step).
+
+Definitions (B batch, nh heads, Tq queries, Tk keys; "allowed" keys are the ones the mask lets a query see,
+and in a causal module never a future one):
+
+* a **valid row** is a query with at least one allowed key that is not itself a padding position;
+* **entropy**: ``-sum_j p_ij log p_ij`` of a row, in nats, averaged over valid rows; ``entropy_norm`` divides
+  each row's entropy by ``log(allowed keys)`` (1 = uniform, 0 = one-hot), over rows with two or more keys;
+* **row-sum error**: ``max |sum_j p_ij - 1|`` over valid rows whose probabilities are not NaN (a NaN comes
+  from the scores and is ``numerics.nonfinite``'s business; it is counted in ``nonfinite_rows``);
+* **causal leak**: the largest mass a valid row puts on future keys (``j > i + Tk - Tq``);
+* **padding mass**: the largest mass a valid row puts on keys the input's attention mask marks as padding;
+* **sink share**: the mean mass on the row's first allowed key (and, in a bidirectional module, its last one,
+  where encoders keep ``[SEP]``), over rows with at least :data:`SINK_MIN_KEYS` allowed keys, so the first
+  rows of a causal pattern (row 0 sees only token 0) do not count;
+* **one-hot fraction**: the share of rows with two or more allowed keys whose largest probability is at least
+  :data:`ONE_HOT`, among those rows not parked near one-hot on a sink key (that is a sink, not a collapse).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stethoscope.attention.capture import AttentionCall
+
+ONE_HOT = 0.99  # a row whose largest probability reaches this is "near one-hot"
+SINK_MIN_KEYS = 4  # rows seeing fewer keys say nothing about sinks (uniform over 3 keys is already 33 %)
+MASKED_BELOW = -1.0e4  # additive mask values at or below this block a key (HF uses finfo.min; old BERT -10000)
+CHUNK_ELEMENTS = 1 << 24  # probabilities materialised at once (64 MiB of float32), chunked over the batch
+
+# Per-head columns of a statistics row: summed over calls and chunks ...
+SUM_COLUMNS = (
+    "sequences",  # batch items seen (to tell a short sequence from a small batch)
+    "rows",  # valid query rows
+    "entropy_sum",
+    "entropy_norm_sum",
+    "norm_rows",  # valid rows with >= 2 allowed keys
+    "sink_rows",  # valid rows with >= SINK_MIN_KEYS allowed keys
+    "sink_first_sum",
+    "sink_last_sum",
+    "one_hot_rows",
+    "sink_one_hot_rows",  # near one-hot rows parked on a sink key (left out of the one-hot fraction)
+    "nonfinite_rows",
+)
+# ... and maximised.
+MAX_COLUMNS = ("row_sum_error", "causal_leak", "padding_mass")
+COLUMNS = SUM_COLUMNS + MAX_COLUMNS
+WIDTH = len(COLUMNS)
+# After the nh x WIDTH block a row carries the token ids at the first and last allowed key of the first
+# sequence (-1 when unknown), so a sink can be named.
+TAIL = 2
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, T, hs) -> (B, nkv * n_rep, T, hs): each key/value head serves ``n_rep`` query heads."""
+    if n_rep == 1:
+        return x
+    b, nkv, t, hs = x.shape
+    return x[:, :, None].expand(b, nkv, n_rep, t, hs).reshape(b, nkv * n_rep, t, hs)
+
+
+def future_mask(tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) bool: True where key j is after query i (queries are the last Tq of the Tk positions)."""
+    i = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    j = torch.arange(tk, device=device)[None, :]
+    return j > i
+
+
+def allowed_keys(call: AttentionCall, tq: int, tk: int, device: torch.device) -> torch.Tensor:
+    """Bool, broadcastable to (B, nh, Tq, Tk): the keys each query may see, by the mask as given.
+
+    A causal module never may see a future key, whatever its mask says: that is the invariant checked.
+    """
+    mask = call.mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        mask = mask[..., -tq:, :tk] if mask.shape[-2] >= tq else mask[..., :tk]
+        allowed = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= tk:
+        allowed = mask[:, None, None, :tk].bool()  # a 2-D padding mask handed straight through
+    else:
+        allowed = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
+    allowed = allowed.to(device)
+    if call.causal:
+        allowed = allowed & ~future_mask(tq, tk, device)
+    return allowed
+
+
+def scores(call: AttentionCall) -> torch.Tensor:
+    """Raw attention scores ``q k^T * scaling`` (plus softcap and position bias), float32 (B, nh, Tq, Tk)."""
+    q = call.query.detach().float()
+    k = call.key.detach().float()
+    k = repeat_kv(k, max(1, q.shape[1] // k.shape[1]))
+    s = torch.matmul(q, k.transpose(-1, -2)) * call.scaling
+    if call.softcap:
+        s = torch.tanh(s / call.softcap) * call.softcap
+    if isinstance(call.position_bias, torch.Tensor):
+        s = s + call.position_bias.detach().float()
+    return s
+
+
+def masked_scores(call: AttentionCall, s: torch.Tensor) -> torch.Tensor:
+    """The scores the softmax sees: the mask as the implementation applies it (blocked keys at -inf)."""
+    tq, tk = s.shape[-2:]
+    mask = call.mask
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        mask = mask[..., :tk].to(s.device)
+        if mask.dtype == torch.bool:
+            return s.masked_fill(~mask, float("-inf"))
+        m = mask.float()
+        return torch.where(m > MASKED_BELOW, s + m, torch.full_like(s, float("-inf")))
+    if mask is None and call.implicit_causal and tq > 1:
+        top_left = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril()  # SDPA's is_causal alignment
+        return s.masked_fill(~top_left, float("-inf"))
+    return s
+
+
+def recompute(call: AttentionCall) -> torch.Tensor:
+    """Softmax probabilities (before dropout) recomputed from the call's queries, keys and mask, float32.
+
+    Rows the mask blocks entirely come out as NaN (they are not valid rows and are not checked).
+    """
+    return torch.softmax(masked_scores(call, scores(call)), dim=-1)
+
+
+def _chunks(call: AttentionCall, probs: torch.Tensor | None):
+    """(batch slice, float32 probabilities) pieces of at most about CHUNK_ELEMENTS each."""
+    if probs is not None:
+        b, h, tq, tk = probs.shape
+    else:
+        b, h, tq, tk = call.query.shape[0], call.query.shape[1], call.query.shape[2], call.key.shape[2]
+    per_item = max(1, h * tq * tk)
+    step = max(1, CHUNK_ELEMENTS // per_item)
+    for start in range(0, b, step):
+        sl = slice(start, min(b, start + step))
+        if probs is not None:
+            yield sl, probs[sl].detach().float()
+        else:
+            part = AttentionCall(**{**call.__dict__, "query": call.query[sl], "key": call.key[sl]})
+            if isinstance(call.mask, torch.Tensor) and call.mask.dim() >= 3 and call.mask.shape[0] == b:
+                part.mask = call.mask[sl]
+            if isinstance(call.position_bias, torch.Tensor) and call.position_bias.shape[0] == b:
+                part.position_bias = call.position_bias[sl]
+            yield sl, recompute(part)
+
+
+def head_statistics(
+    call: AttentionCall,
+    probs: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One float32 device row: nh x :data:`WIDTH` per-head statistics, then :data:`TAIL` token ids.
+
+    Args:
+        call: the captured call (its mask, causality, and queries/keys when ``probs`` is None).
+        probs: (B, nh, Tq, Tk) probabilities to check; None recomputes them from the call.
+        padding: (B, Tk) bool, True at padding positions (from the input's 2-D attention mask), or None.
+        input_ids: (B, Tk) token ids (to name a sink token), or None.
+    """
+    sums: torch.Tensor | None = None
+    maxes: torch.Tensor | None = None
+    first_ids = None
+    for sl, p in _chunks(call, probs):
+        b, _, tq, tk = p.shape
+        device = p.device
+        allowed = allowed_keys(call, tq, tk, device)
+        if allowed.shape[0] not in (1, b):  # the mask covers the whole batch; this is a slice of it
+            allowed = allowed[sl]
+        pad = None
+        if padding is not None and padding.shape[-1] == tk:
+            pad = padding[sl].to(device)
+            allowed = allowed & ~pad[:, None, None, :]
+        s_part, m_part, ids = _chunk_stats(p, allowed, call.causal, pad,
+                                           input_ids[sl] if input_ids is not None else None)
+        sums = s_part if sums is None else sums + s_part
+        maxes = m_part if maxes is None else torch.maximum(maxes, m_part)
+        if first_ids is None:
+            first_ids = ids
+    return torch.cat([torch.cat([sums, maxes], dim=1).reshape(-1), first_ids])
+
+
+def _chunk_stats(p, allowed, causal, pad, input_ids):
+    b, h, tq, tk = p.shape
+    device = p.device
+    allowed_b = allowed.expand(b, h, tq, tk)
+    n_allowed = allowed_b.sum(-1)  # (B, nh, Tq)
+    valid = n_allowed > 0
+    if pad is not None and tq == tk:  # a padding query's row is noise nobody reads
+        valid = valid & ~pad[:, None, :]
+    row_sum = p.sum(-1)
+    nan_row = torch.isnan(row_sum)
+    good = valid & ~nan_row
+    zero = torch.zeros((), device=device)
+    err = torch.where(good, (row_sum - 1).abs(), zero).amax(dim=(0, 2))  # (nh,) inf stays inf
+    pc = torch.where(good[..., None], p.clamp_min(0), zero)
+    ent = -torch.special.xlogy(pc, pc).sum(-1)  # (B, nh, Tq)
+    two = good & (n_allowed >= 2)
+    ent_norm = ent / torch.log(n_allowed.clamp_min(2).float())
+    if causal:
+        fut = future_mask(tq, tk, device)
+        leak = torch.where(good, torch.where(fut, p, zero).sum(-1).abs(), zero).amax(dim=(0, 2))
+    else:
+        leak = torch.zeros(h, device=device)
+    if pad is not None:
+        pmass = torch.where(pad[:, None, None, :], p, zero).sum(-1).abs()
+        pad_max = torch.where(good, pmass, zero).amax(dim=(0, 2))
+    else:
+        pad_max = torch.zeros(h, device=device)
+    # the first and last key each row may see (allowed may broadcast over heads: index before expanding)
+    first_idx = allowed.to(torch.uint8).argmax(-1).expand(b, h, tq)
+    last_idx = (tk - 1 - allowed.flip(-1).to(torch.uint8).argmax(-1)).expand(b, h, tq)
+    p_first = p.gather(-1, first_idx[..., None]).squeeze(-1)
+    p_last = p.gather(-1, last_idx[..., None]).squeeze(-1)
+    sink_rows = good & (n_allowed >= SINK_MIN_KEYS)
+    top, arg = p.max(-1)
+    on_sink = (arg == first_idx) | ((arg == last_idx) if not causal else torch.zeros_like(good))
+    sharp = two & (top >= ONE_HOT)
+    one_hot = sharp & ~on_sink
+    f = torch.float32
+    sums = torch.stack(
+        [
+            torch.full((h,), float(b), device=device),
+            good.sum((0, 2)).to(f),
+            torch.where(good, ent, zero).sum((0, 2)),
+            torch.where(two, ent_norm, zero).sum((0, 2)),
+            two.sum((0, 2)).to(f),
+            sink_rows.sum((0, 2)).to(f),
+            torch.where(sink_rows, p_first, zero).sum((0, 2)),
+            torch.where(sink_rows, p_last, zero).sum((0, 2)) if not causal else torch.zeros(h, device=device),
+            one_hot.sum((0, 2)).to(f),
+            (sharp & on_sink).sum((0, 2)).to(f),
+            (valid & nan_row).sum((0, 2)).to(f),
+        ],
+        dim=1,
+    )  # (nh, len(SUM_COLUMNS))
+    maxes = torch.stack([err, leak, pad_max], dim=1).float()  # (nh, len(MAX_COLUMNS))
+    ids = torch.full((TAIL,), -1.0, device=device)
+    if input_ids is not None and input_ids.shape[-1] == tk:
+        row = allowed.expand(b, h, tq, tk)[0, 0, -1]  # the last query of the first sequence sees the most keys
+        if bool(tq) and tk:
+            fi = row.to(torch.uint8).argmax()
+            li = tk - 1 - row.flip(0).to(torch.uint8).argmax()
+            ids = torch.stack([input_ids[0, fi], input_ids[0, li]]).to(torch.float32).to(device)
+    return sums, maxes, ids
+
+
+def summarize(row, heads: int) -> list[dict]:
+    """Host side: a (merged) statistics row -> one dict per head with the documented metric names."""
+    import numpy as np
+
+    block = np.asarray(row[: heads * WIDTH], dtype=np.float64).reshape(heads, WIDTH)
+    out = []
+    for h in range(heads):
+        c = dict(zip(COLUMNS, block[h].tolist(), strict=True))
+        rows, norm_rows, sink_rows = c["rows"], c["norm_rows"], c["sink_rows"]
+        off_sink = norm_rows - c["sink_one_hot_rows"]  # rows a collapse is judged on
+        first = c["sink_first_sum"] / sink_rows if sink_rows else math.nan
+        last = c["sink_last_sum"] / sink_rows if sink_rows else math.nan
+        sink_on = "last" if (last == last and last > (first if first == first else -1)) else "first"
+        out.append(
+            {
+                "head": h,
+                "rows": int(rows),
+                "entropy": c["entropy_sum"] / rows if rows else math.nan,
+                "entropy_norm": c["entropy_norm_sum"] / norm_rows if norm_rows else math.nan,
+                "sink_share": max(first, last) if sink_rows else math.nan,
+                "sink_token": sink_on if sink_rows else None,
+                "sink_first": first,
+                "sink_last": last,
+                "sink_rows": int(sink_rows),
+                "one_hot_fraction": c["one_hot_rows"] / off_sink if off_sink else math.nan,
+                "one_hot_rows": int(c["one_hot_rows"]),
+                "collapse_rows": int(off_sink),
+                "collapse_rows_per_sequence": off_sink / c["sequences"] if c["sequences"] else 0.0,
+                "row_sum_error": c["row_sum_error"],
+                "causal_leak": c["causal_leak"],
+                "padding_mass": c["padding_mass"],
+                "nonfinite_rows": int(c["nonfinite_rows"]),
+            }
+        )
+    return out
+
+
+def merge_rows(rows: list, heads: int):
+    """Merge the rows of several calls of one module in a step: sums add, maxima take the max."""
+    import numpy as np
+
+    blocks = [np.asarray(r[: heads * WIDTH], dtype=np.float64).reshape(heads, WIDTH) for r in rows]
+    ns = len(SUM_COLUMNS)
+    merged = blocks[0].copy()
+    for blk in blocks[1:]:
+        merged[:, :ns] += blk[:, :ns]
+        merged[:, ns:] = np.fmax(merged[:, ns:], blk[:, ns:])
+    tail = np.asarray(rows[0][heads * WIDTH : heads * WIDTH + TAIL], dtype=np.float64)
+    return np.concatenate([merged.reshape(-1), tail])

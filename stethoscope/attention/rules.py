@@ -1,0 +1,234 @@
+"""The attention invariants as rules: one finding per attention module, the offending heads in its data.
+
+They use the ordinary :class:`~stethoscope.rules.Rule` machinery (thresholds with per-pattern overrides,
+open / update / close with hysteresis, at most ``rules.max_open`` open per code) but are driven by the
+attention extension, which hands them the step's per-head statistics (see :mod:`stethoscope.attention.checks`)
+rather than a :class:`~stethoscope.record.StepRecord`. ``rules.enabled`` / ``rules.disabled`` apply to them too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from stethoscope.rules.base import Rule, RuleContext
+from stethoscope.rules.thresholds import Threshold, register_threshold
+
+COLLAPSED_HEAD = 0.95  # a head is collapsed when this share of its rows (2+ keys, off the sink) is near one-hot
+MIN_COLLAPSE_ROWS = 4  # fewer eligible rows per sequence (very short sequences) say nothing about a collapse
+
+
+@dataclass
+class ModuleAttention:
+    """One attention module's statistics for a step (all its calls merged)."""
+
+    name: str
+    heads: list[dict]
+    causal: bool
+    method: str
+    first_token: int | None = None
+    last_token: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _heads(items: list[int]) -> str:
+    return ", ".join(str(h) for h in items[:12]) + (f" and {len(items) - 12} more" if len(items) > 12 else "")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, float | int) and not math.isnan(v)
+
+
+class AttentionRule(Rule):
+    """Base of the attention rules: ``check_modules`` replaces ``check``."""
+
+    sampled_only: ClassVar[bool] = True
+    order: ClassVar[int] = 40
+
+    def check(self, record: Any) -> None:  # driven through check_modules, not through StepRecords
+        return None
+
+    def check_modules(self, step: int | None, modules: list[ModuleAttention]) -> None:
+        for m in modules:
+            self.check_module(step, m)
+        self.settle(step)
+
+    def check_module(self, step: int | None, m: ModuleAttention) -> None:
+        raise NotImplementedError
+
+
+class RowSum(AttentionRule):
+    code = "attn.row_sum"
+    summary = "attention probability rows sum to 1 (within attention.row_sum_tol)"
+    thresholds: ClassVar[dict[str, Threshold]] = {"attn.row_sum": Threshold(1e-3, 1e-2)}
+
+    def __init__(self, ctx: RuleContext, tol: float = 1e-3):
+        super().__init__(ctx)
+        self.thresholds = {self.code: Threshold(tol, max(10 * tol, 1e-2))}
+
+    def check_module(self, step, m):
+        errs = [(h["row_sum_error"], h["head"]) for h in m.heads if _finite(h["row_sum_error"]) and h["rows"]]
+        if not errs:
+            return
+        worst, head = max(errs)
+        bad = [h for e, h in errs if self.threshold(m.name).severity(e)]
+        self.judge(
+            m.name, worst, step,
+            message=lambda: (
+                f"attention rows of {m.name} do not sum to 1: |row sum - 1| reaches {worst:.3g} in head {head}"
+                f" (heads {_heads(bad)}; probabilities from {m.method})"
+            ),
+            hint=(
+                "a softmax row must sum to 1. Usual causes: the mask applied after the softmax (multiplying or "
+                "filling probabilities instead of adding -inf to the scores), the softmax taken over the wrong "
+                "axis (dim=-2 instead of -1), or a renormalisation/dropout applied before the weights are read"
+            ),
+            data={"heads": bad, "worst_head": head, "method": m.method},
+        )
+
+
+class CausalLeak(AttentionRule):
+    code = "attn.causal_leak"
+    summary = "a causal attention puts probability on future keys"
+    thresholds: ClassVar[dict[str, Threshold]] = {"attn.causal_leak": Threshold(1e-3, 1e-2)}
+
+    def check_module(self, step, m):
+        if not m.causal:
+            return
+        leaks = [(h["causal_leak"], h["head"]) for h in m.heads if _finite(h["causal_leak"]) and h["rows"]]
+        if not leaks:
+            return
+        worst, head = max(leaks)
+        bad = [h for v, h in leaks if self.threshold(m.name).severity(v)]
+        self.judge(
+            m.name, worst, step,
+            message=lambda: (
+                f"{m.name} is causal but its queries attend to future positions: up to {worst:.1%} of a row's "
+                f"attention is on later tokens (head {head}; heads {_heads(bad)})"
+            ),
+            hint=(
+                "the causal mask is missing or misaligned: fill the scores above the diagonal with -inf before the "
+                "softmax (masked_fill(~tril, -inf)), or pass is_causal=True / a causal 4-D mask to the attention "
+                "kernel. A model that sees the future trains to a suspiciously low loss and fails at generation. "
+                "stethoscope.attention.check_causality(model, input_ids) confirms it from the outputs"
+            ),
+            data={"heads": bad, "worst_head": head, "method": m.method},
+        )
+
+
+class PaddingLeak(AttentionRule):
+    code = "attn.padding_leak"
+    summary = "attention probability on padding positions of the input"
+    thresholds: ClassVar[dict[str, Threshold]] = {"attn.padding_leak": Threshold(1e-3, 1e-2)}
+
+    def check_module(self, step, m):
+        masses = [(h["padding_mass"], h["head"]) for h in m.heads if _finite(h["padding_mass"]) and h["rows"]]
+        if not masses:
+            return
+        worst, head = max(masses)
+        bad = [h for v, h in masses if self.threshold(m.name).severity(v)]
+        self.judge(
+            m.name, worst, step,
+            message=lambda: (
+                f"{m.name} attends to padding: up to {worst:.1%} of a row's attention is on positions the input's "
+                f"attention_mask marks as padding (head {head}; heads {_heads(bad)})"
+            ),
+            hint=(
+                "the padding mask does not reach this attention: pass attention_mask to the model (not only to the "
+                "tokenizer), check it is 1 for tokens and 0 for padding, and that a custom attention adds it to the "
+                "scores before the softmax. Padding that leaks makes outputs depend on the batch's padding length"
+            ),
+            data={"heads": bad, "worst_head": head, "method": m.method},
+        )
+
+
+class EntropyCollapse(AttentionRule):
+    code = "attn.entropy_collapse"
+    summary = "at least half of a layer's heads put (almost) all attention of every row on a single key"
+    thresholds: ClassVar[dict[str, Threshold]] = {"attn.entropy_collapse": Threshold(0.5, None)}
+
+    def check_module(self, step, m):
+        eligible = [h for h in m.heads
+                    if h["collapse_rows_per_sequence"] >= MIN_COLLAPSE_ROWS and _finite(h["one_hot_fraction"])]
+        if not eligible:
+            return  # too short a sequence, or no head with 2+ visible keys per row
+        collapsed = [h["head"] for h in eligible if h["one_hot_fraction"] >= COLLAPSED_HEAD]
+        share = len(collapsed) / len(m.heads)
+        lowest = min(eligible, key=lambda h: h["entropy_norm"] if _finite(h["entropy_norm"]) else 1.0)
+        self.judge(
+            m.name, share, step,
+            message=lambda: (
+                f"attention entropy collapsed in {m.name}: {len(collapsed)} of {len(m.heads)} heads (heads "
+                f"{_heads(collapsed)}) put >= {0.99:.0%} of every row's attention on a single key; lowest "
+                f"normalised entropy {lowest['entropy_norm']:.3f} in head {lowest['head']}"
+            ),
+            hint=(
+                "attention entropy collapse goes with unstable training (loss spikes, divergence): lower the "
+                "learning rate or warm it up longer, clip gradients, and keep attention logits bounded (QK "
+                "layer-norm, a smaller init of the query/key projections, or sigma-reparametrised weights). One "
+                "near-one-hot head alone is often a positional head (previous / next token) and is normal"
+            ),
+            data={"heads": collapsed, "collapsed_fraction": share, "method": m.method},
+        )
+
+
+class Sink(AttentionRule):
+    code = "attn.sink"
+    summary = "heads putting most of their attention on the first token or a special token (info)"
+    thresholds: ClassVar[dict[str, Threshold]] = {"attn.sink": Threshold(0.5, None)}
+
+    def __init__(self, ctx: RuleContext, share: float = 0.5, token_text: Any = None):
+        super().__init__(ctx)
+        self.thresholds = {self.code: Threshold(share, None)}
+        self.token_text = token_text  # id -> text, when a tokenizer is known
+
+    def _token(self, m: ModuleAttention, which: str) -> tuple[str, int | None]:
+        tid = m.first_token if which == "first" else m.last_token
+        where = "the first token" if which == "first" else "the last token"
+        if tid is None:
+            return where, None
+        text = None
+        if self.token_text is not None:
+            try:
+                text = self.token_text(tid)
+            except Exception:
+                text = None
+        return (f"{where} ({text!r}, id {tid})" if text else f"{where} (id {tid})"), tid
+
+    def check_module(self, step, m):
+        heads = [h for h in m.heads if _finite(h["sink_share"])]
+        if not heads:
+            return
+        level = self.threshold(m.name).warning
+        sinks = [h for h in heads if level is not None and h["sink_share"] >= level]
+        top = max(heads, key=lambda h: h["sink_share"])
+        if not sinks:
+            self.judge(m.name, top["sink_share"], step, message="", hint="")  # closes a finding that cleared
+            return
+        which = max({"first", "last"}, key=lambda w: sum(1 for h in sinks if h["sink_token"] == w))
+        token, tid = self._token(m, which)
+        per_head = {str(h["head"]): round(h["sink_share"], 4) for h in sinks}  # JSON keys are strings
+        self.judge(
+            m.name, top["sink_share"], step,
+            message=lambda: (
+                f"attention sink in {m.name}: heads {_heads(list(per_head))} put {min(per_head.values()):.0%}–"
+                f"{max(per_head.values()):.0%} of their attention on {token}. This is a known, usually benign "
+                "pattern: heads with nothing to attend to park their probability on a fixed token"
+            ),
+            hint=(
+                "nothing to fix in itself (pretrained encoders put much of their attention on [CLS] / [SEP], "
+                "decoders on the first token). Keep the sink token when truncating or using a sliding window "
+                "(streaming LLMs lose quality without it); it matters when a head you rely on is only a sink, or "
+                "when the sink share keeps rising while the loss does not fall"
+            ),
+            data={"heads": [int(h) for h in per_head], "shares": per_head, "token": which, "token_id": tid, "method": m.method},
+            severity="info",
+        )
+
+
+RULES = (RowSum, CausalLeak, PaddingLeak, EntropyCollapse, Sink)
+
+for _cls in RULES:  # config validation and `registered thresholds` know the keys without a monitor
+    for _key, _th in _cls.thresholds.items():
+        register_threshold(_key, _th, _cls.summary)

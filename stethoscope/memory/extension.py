@@ -1,0 +1,396 @@
+"""The memory monitor as a monitor extension: readings every step, leaks, and out-of-memory context.
+
+Every step (sampled or not) it reads the process RSS and, when the model lives on a CUDA device, the caching
+allocator's allocated / reserved / peak bytes — host-side counters, no device sync. The last
+``memory.leak_window`` readings are judged every ``leak_window // 10`` steps (:mod:`stethoscope.memory.leak`);
+on steady growth it takes a live-tensor snapshot, another ``memory.snapshot_gap`` steps later, and names
+what accumulates in the ``memory.leak`` finding (:mod:`stethoscope.memory.tensors`).
+
+Disk stays bounded: a ``kind: "memory"`` metrics row per series is written every ``memory.every`` steps and
+on every sampled step (about 25 bytes per step at the default), not every step.
+
+An out-of-memory error leaving a step writes a crash dump (through the flight recorder when it is on, so the
+dump also holds the events that led to it) and a critical ``memory.oom`` finding with the step, where it
+struck, the shapes of the model's inputs, memory figures, the largest live tensors and the usual remedies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from stethoscope import rundir as rd
+from stethoscope.extensions import Extension
+from stethoscope.memory.leak import CODE, OOM_CODE, Growth, judge_window
+from stethoscope.memory.oom import (
+    input_shapes,
+    is_oom,
+    numel_of,
+    remedies,
+    requested_bytes,
+    shapes_text,
+    where,
+)
+from stethoscope.memory.readings import RssReader, cuda_figures, cuda_total, mib, model_cuda_device
+from stethoscope.memory.tensors import Accumulation, Snapshot, compare, describe_largest, snapshot
+from stethoscope.monitor import _is_compiling
+from stethoscope.naming import clean_name
+from stethoscope.record import StepRecord
+from stethoscope.rules.thresholds import ThresholdResolver
+
+RSS = "process.rss"
+AFTER_EPOCH_STEPS = 5  # an OOM this many steps after an epoch began is "after the epoch transition"
+
+_GENERIC_HINT = (
+    "something keeps objects from every step: a list or dict filled in the loop (outputs, logits, losses kept "
+    "as tensors: keep `.item()` or `.detach().cpu()`), `total_loss += loss` without `.item()`, a cache keyed "
+    "by input, gradients never cleared (`optimizer.zero_grad(set_to_none=True)`); on CUDA also DeepSpeed's "
+    "partition cache (`model.empty_partition_cache()`) and very long inputs (the HF field note's M-001)"
+)
+
+
+class _Series:
+    """The recent readings of one quantity (bytes) and its open-finding state."""
+
+    def __init__(self, target: str, window: int):
+        self.target = target
+        self.steps: deque = deque(maxlen=window)
+        self.values: deque = deque(maxlen=window)
+
+    def add(self, step: int, value: int | None) -> None:
+        if value is not None:
+            self.steps.append(step)
+            self.values.append(value)
+
+    @property
+    def full(self) -> bool:
+        return len(self.values) == self.values.maxlen
+
+    def judge(self) -> Growth:
+        return judge_window(np.fromiter(self.steps, float), np.fromiter(self.values, float))
+
+
+class MemoryExtension(Extension):
+    """See the module docstring."""
+
+    name = "memory"
+
+    def __init__(self, monitor: Any):
+        cfg = monitor.config.memory
+        self.cfg = cfg
+        self._mon = weakref.ref(monitor)
+        self.rss = RssReader()
+        model = monitor._model_ref()
+        self.device = model_cuda_device(model)
+        self.total = cuda_total(self.device)
+        self.series: dict[str, _Series] = {RSS: _Series(RSS, cfg.leak_window)}
+        if self.device is not None:
+            self.series[f"{self.device}.allocated"] = _Series(f"{self.device}.allocated", cfg.leak_window)
+        self.resolver = ThresholdResolver(monitor.config.thresholds)
+        self.check_every = max(1, cfg.leak_window // 10)
+        self.investigations_left = cfg.snapshots
+        self.pending: dict | None = None  # a leak investigation waiting for its second snapshot
+        self.last: dict = {}  # the latest readings
+        self.steps_seen = 0
+        self.sampled = False
+        self.epoch = getattr(monitor, "_epoch", None)
+        self.epoch_step: int | None = None  # the first step of the current epoch
+        self.epoch_steps: list[tuple[int, int]] = []  # (epoch, first step)
+        self.shapes: list[tuple[str, tuple, str]] = []
+        self.calls = 0  # calls of the model in the current step
+        self.sizes: deque = deque(maxlen=max(cfg.leak_window, 50))  # input elements of recent steps
+        self._handles: list[Any] = []
+        self._recorder: Any = None
+        if cfg.input_shapes and model is not None:
+            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+
+    # ------------------------------------------------------------------ hooks
+    def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        try:
+            if _is_compiling():
+                return
+            self.shapes = input_shapes(args, kwargs)
+            self.calls += 1
+        except Exception:  # shapes are context only: never break a forward for them
+            pass
+
+    def _recorder_ext(self) -> Any:
+        if self._recorder is None:
+            mon = self._mon()
+            self._recorder = (mon.extension("recorder") if mon is not None else None) or False
+        return self._recorder or None
+
+    # ------------------------------------------------------------------ the step protocol
+    def begin_step(self, step: int, sampled: bool) -> None:
+        self.sampled = sampled
+        self.calls = 0
+        mon = self._mon()
+        epoch = getattr(mon, "_epoch", None)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.epoch_step = step
+            if epoch is not None:
+                self.epoch_steps.append((epoch, step))
+                rec = self._recorder_ext()
+                if rec is not None:
+                    rec.note("memory", "stethoscope.memory", f"epoch {epoch} begins at step {step}; {self._line()}")
+
+    def end_step(self, step: int, failed: BaseException | None) -> None:
+        if failed is not None:
+            if self.cfg.oom_dump and is_oom(failed):
+                self._on_oom(step, failed)
+            return
+        self._read()
+        self.steps_seen += 1
+        if self.shapes:
+            self.sizes.append(numel_of(self.shapes))
+        for target, s in self.series.items():
+            s.add(step, self.last.get(target))
+        mon = self._mon()
+        if mon is not None and (self.sampled or step % self.cfg.every == 0 or self.steps_seen == 1):
+            self._write_rows(mon, step)
+        rec = self._recorder_ext()
+        if rec is not None:
+            rec.note("memory", "stethoscope.memory", f"step {step}: {self._line()}")
+        if self.pending is not None and step >= self.pending["step"] + self.cfg.snapshot_gap:
+            self._finish_investigation(step)
+        if self.steps_seen % self.check_every == 0:
+            self._check(step)
+
+    def _read(self) -> None:
+        last = self.last
+        last[RSS] = self.rss.read()
+        if self.device is None and self.steps_seen % 50 == 0:  # moved to the GPU after the monitor was built
+            mon = self._mon()
+            model = mon._model_ref() if mon is not None else None
+            dev = model_cuda_device(model)
+            if dev is not None:
+                self.device, self.total = dev, cuda_total(dev)
+                self.series[f"{dev}.allocated"] = _Series(f"{dev}.allocated", self.cfg.leak_window)
+        if self.device is not None:
+            fig = cuda_figures(self.device)
+            if fig is not None:
+                last["cuda"] = fig
+                last[f"{self.device}.allocated"] = fig["allocated_bytes"]
+
+    def _line(self) -> str:
+        parts = [f"rss {mib(self.last.get(RSS))}"]
+        fig = self.last.get("cuda")
+        if fig:
+            parts.append(f"{self.device} allocated {mib(fig['allocated_bytes'])}, reserved "
+                         f"{mib(fig['reserved_bytes'])}, peak {mib(fig['peak_bytes'])}")
+        return "; ".join(parts)
+
+    def _write_rows(self, mon: Any, step: int) -> None:
+        base = {"schema_version": rd.SCHEMA_VERSION, "step": step, "kind": "memory"}
+        if self.epoch is not None:
+            base["epoch"] = self.epoch
+        rss = self.last.get(RSS)
+        if rss is not None:
+            mon._metrics.write(base | {"name": "process", f"{self.rss.kind}_bytes": rss})
+        fig = self.last.get("cuda")
+        if fig:
+            mon._metrics.write(base | {"name": str(self.device), **fig})
+
+    # ------------------------------------------------------------------ leaks
+    def _check(self, step: int) -> None:
+        mon = self._mon()
+        if mon is None:
+            return
+        findings = mon.findings
+        for target, s in self.series.items():
+            if not s.full:
+                continue
+            g = s.judge()
+            th = self.resolver.resolve(CODE, target)
+            sev = th.severity(g.growth_mib) if g.steady else None
+            if sev is None:
+                if findings.is_open(CODE, target) and th.healthy(g.growth_mib if g.steady else 0.0, 0.5):
+                    findings.clear(CODE, target, step, round(g.growth_mib, 2))
+                continue
+            if findings.is_open(CODE, target):
+                self._emit(target, sev, g, th.shown, step, None)
+            elif self.pending is not None:
+                self.pending["targets"].setdefault(target, (sev, g, th.shown))
+            elif self.investigations_left > 0:
+                self.investigations_left -= 1
+                snap = self._snapshot(step)
+                if snap is None:
+                    self._emit(target, sev, g, th.shown, step, None)
+                else:
+                    self.pending = {"step": step, "snapshot": snap, "targets": {target: (sev, g, th.shown)}}
+            else:
+                self._emit(target, sev, g, th.shown, step, None)
+
+    def _snapshot(self, step: int) -> Snapshot | None:
+        try:
+            return snapshot(step)
+        except Exception as exc:
+            mon = self._mon()
+            if mon is not None:
+                mon._record_error("memory snapshot", exc)
+            return None
+
+    def _finish_investigation(self, step: int, final: bool = False) -> None:
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        acc = None
+        if not final:
+            later = self._snapshot(step)
+            if later is not None:
+                acc = compare(pending["snapshot"], later, step - pending["step"])
+        for target, (sev, g, shown) in pending["targets"].items():
+            self._emit(target, sev, g, shown, step, acc, first=pending["snapshot"])
+
+    def _emit(self, target: str, severity: str, g: Growth, shown: float | None, step: int,
+              acc: Accumulation | None, first: Snapshot | None = None) -> None:
+        mon = self._mon()
+        if mon is None:
+            return
+        what = "process RSS" if target == RSS else f"CUDA memory allocated on {target.rsplit('.', 1)[0]}"
+        message = (
+            f"{what} grew {g.growth_mib:.1f} MiB over steps {g.first_step}–{g.last_step} "
+            f"({mib(g.slope)} per step, steadily: each quarter of the window above the one before); "
+            f"now {mib(g.level)}"
+        )
+        if target != RSS and self.total and g.slope > 0:
+            reserved = (self.last.get("cuda") or {}).get("reserved_bytes", g.level)
+            left = max(0.0, self.total - max(reserved, g.level)) / g.slope
+            message += f"; at this rate the device ({mib(self.total)}) is full in about {left:,.0f} steps"
+        else:
+            message += f"; at this rate +{mib(g.slope * 1000)} per 1000 steps"
+        hint = _GENERIC_HINT
+        data: dict = {
+            "slope_bytes_per_step": round(g.slope, 1),
+            "growth_mib": round(g.growth_mib, 2),
+            "window": [g.first_step, g.last_step],
+            "level_bytes": g.level,
+            "epochs": [list(e) for e in self.epoch_steps[-5:]],
+        }
+        if acc is not None:
+            if acc.cause:
+                message += f". What accumulates: {acc.cause}"
+            if acc.hint:
+                hint = acc.hint
+            data["accumulating"] = acc.rows
+            data["pattern"] = acc.pattern
+        elif first is not None:
+            data["largest_tensors"] = first.largest[:5]
+        mon.findings.report(CODE, target, severity, round(g.growth_mib, 2), shown, message, hint, step, data=data)
+
+    # ------------------------------------------------------------------ out of memory
+    def _on_oom(self, step: int, exc: BaseException) -> None:
+        mon = self._mon()
+        if mon is None:
+            return
+        model = mon._model_ref()
+        names = {}
+        if model is not None:
+            with contextlib.suppress(Exception):
+                names = {id(m): clean_name(n) or "<model>" for n, m in model.named_modules()}
+        module, phase = where(exc.__traceback__, names)
+        self._read()
+        req = requested_bytes(exc)
+        fig = self.last.get("cuda")
+        snap = self._snapshot(step)
+        size = numel_of(self.shapes) if self.shapes else 0
+        recent = max(self.sizes) if self.sizes else 0
+        grew = bool(self.sizes) and size > recent
+        after_epoch = self.epoch_step is not None and 0 <= step - self.epoch_step < AFTER_EPOCH_STEPS
+        attn = None
+        with contextlib.suppress(Exception):
+            attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        fragmented = bool(fig) and fig["reserved_bytes"] - fig["allocated_bytes"] > max(
+            2**30, 0.3 * fig["reserved_bytes"])
+        fixes = remedies(attn, fragmented, after_epoch, grew)
+        where_text = f"during {phase}" + (f" in {module}" if module and module != "<model>" else "")
+        lines = [f"  step {step}, {where_text}"]
+        if self.epoch_step is not None:
+            lines.append(f"  epoch {self.epoch} began at step {self.epoch_step} "
+                         f"({step - self.epoch_step} step(s) before this one)")
+        lines.append(f"  model inputs: {shapes_text(self.shapes)} ({self.calls} call(s) of the model in this step)")
+        if self.sizes:
+            lines.append(f"  input elements: {size:,} now; the largest of the last {len(self.sizes)} steps: {recent:,}")
+        if req is not None:
+            lines.append(f"  failed allocation: {mib(req)}")
+        lines.append(f"  process RSS: {mib(self.last.get(RSS))}")
+        if fig:
+            lines.append(f"  {self.device}: allocated {mib(fig['allocated_bytes'])}, reserved "
+                         f"{mib(fig['reserved_bytes'])}, peak {mib(fig['peak_bytes'])}"
+                         + (f", total {mib(self.total)}" if self.total else ""))
+        if snap is not None:
+            lines.append(f"  live tensors: {snap.tensors:,} ({mib(snap.bytes)}); the largest:")
+            lines += ["  " + x for x in describe_largest(snap.largest)]
+        lines.append("  usual remedies:")
+        lines += [f"    - {r}" for r in fixes]
+        data = {
+            "phase": phase,
+            "module": module,
+            "inputs": [{"path": p, "shape": list(s), "dtype": d} for p, s, d in self.shapes],
+            "model_calls": self.calls,
+            "requested_bytes": req,
+            "rss_bytes": self.last.get(RSS),
+            "cuda": fig,
+            "epoch": self.epoch,
+            "epoch_first_step": self.epoch_step,
+            "after_epoch_boundary": after_epoch,
+            "largest_tensors": snap.largest if snap is not None else [],
+            "remedies": fixes,
+        }
+        reason = f"out of memory in step {step}"
+        rec = self._recorder_ext()
+        path = None
+        if rec is not None:
+            path = rec.dump(reason, exc=exc, step=step, sections=[("out of memory", lines)], data={"oom": data})
+        if path is None:
+            from stethoscope.recorder.dump import write_crash
+
+            path, _ = write_crash(mon.run_dir, reason, step=step, epoch=self.epoch, exc=exc,
+                                  sections=[("out of memory", lines)], data={"oom": data})
+        data["dump"] = path.name
+        first_line = str(exc).strip().split("\n")[0][:300]
+        message = f"out of memory in step {step} {where_text}: {type(exc).__name__}: {first_line}"
+        if after_epoch:
+            message += f" ({step - self.epoch_step} step(s) after epoch {self.epoch} began)"
+        mon.findings.report(
+            OOM_CODE, module if module and module != "<model>" else None, "critical",
+            round(req / 2**20, 1) if req else None, None, message,
+            "; ".join(fixes[:4]) + f" (all remedies and the largest tensors in {path.name})", step, data=data,
+        )
+        logging.getLogger("stethoscope.memory").debug("memory.oom finding written, dump %s", path.name)
+
+    # ------------------------------------------------------------------ end of run
+    def observe(self, record: StepRecord) -> None:
+        return None
+
+    def close(self, status: str) -> None:
+        if self.pending is not None:
+            self._finish_investigation(self.pending["step"], final=True)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            with contextlib.suppress(Exception):
+                h.remove()
+        self._handles.clear()
+        self.rss.close()
+        self._recorder = None
+
+    def state_dict(self) -> dict:
+        return {"investigations_left": self.investigations_left, "epochs": [list(e) for e in self.epoch_steps]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.investigations_left = int(state.get("investigations_left", self.investigations_left))
+        self.epoch_steps = [tuple(e) for e in state.get("epochs", [])]
+
+
+def extension(monitor: Any) -> MemoryExtension | None:
+    cfg = getattr(monitor.config, "memory", None)
+    if cfg is None or not cfg.enabled:
+        return None
+    return MemoryExtension(monitor)
