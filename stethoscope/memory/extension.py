@@ -95,6 +95,7 @@ class MemoryExtension(Extension):
         self.check_every = max(1, cfg.leak_window // 10)
         self.investigations_left = cfg.snapshots
         self.pending: dict | None = None  # a leak investigation waiting for its second snapshot
+        self.causes: dict[str, Accumulation] = {}  # what an investigation found, per target
         self.last: dict = {}  # the latest readings
         self.steps_seen = 0
         self.sampled = False
@@ -210,7 +211,8 @@ class MemoryExtension(Extension):
             th = self.resolver.resolve(CODE, target)
             sev = th.severity(g.growth_mib) if g.steady else None
             if sev is None:
-                if findings.is_open(CODE, target) and th.healthy(g.growth_mib if g.steady else 0.0, 0.5):
+                # closes only once the growth itself is small (a noisy quarter alone does not close it)
+                if findings.is_open(CODE, target) and th.healthy(max(g.growth_mib, 0.0), 0.5):
                     findings.clear(CODE, target, step, round(g.growth_mib, 2))
                 continue
             if findings.is_open(CODE, target):
@@ -253,6 +255,10 @@ class MemoryExtension(Extension):
         mon = self._mon()
         if mon is None:
             return
+        if acc is None:  # a later update keeps the cause the investigation found
+            acc = self.causes.get(target)
+        else:
+            self.causes[target] = acc
         what = "process RSS" if target == RSS else f"CUDA memory allocated on {target.rsplit('.', 1)[0]}"
         message = (
             f"{what} grew {g.growth_mib:.1f} MiB over steps {g.first_step}–{g.last_step} "

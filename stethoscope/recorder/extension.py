@@ -55,11 +55,15 @@ class RecorderExtension(Extension):
         self._sigterm_handler: Any = None
         self._sigterm_prev: Any = None
         self.capture = LogCapture(self.recorder.add_log, cfg.level, cfg.levels).install()
-        model = monitor._model_ref()
-        if cfg.module_events > 0 and model is not None:
-            self._attach_modules(model)
-        if cfg.on_sigterm:
-            self._install_sigterm()
+        try:
+            model = monitor._model_ref()
+            if cfg.module_events > 0 and model is not None:
+                self._attach_modules(model)
+            if cfg.on_sigterm:
+                self._install_sigterm()
+        except BaseException:  # a half-built recorder must not leave logging changed
+            self.detach()
+            raise
         self.recorder.add(
             "start", "stethoscope.recorder",
             f"flight recorder on: {cfg.capacity} events × ≤{cfg.max_entry_chars} chars, "

@@ -169,3 +169,21 @@ def test_memory_off_writes_no_rows(run_dir):
             with mon.step(step):
                 model(torch.randn(4, 64)).sum().backward()
     assert st.load_run(path).metrics_of("memory").empty
+
+
+def test_state_round_trips_through_resume(run_dir):
+    model = _mlp()
+    path = run_dir()
+    with st.Monitor(model, run_dir=path, config=quiet(memory={"snapshots": 1})) as mon:
+        mon.epoch(0)
+        with mon.step(0):
+            model(torch.randn(4, 64)).sum().backward()
+        mon.epoch(1)
+        with mon.step(1):
+            model(torch.randn(4, 64)).sum().backward()
+        mon.extension("memory").investigations_left = 0  # as if its one investigation was spent
+        saved = mon.extension("memory").state_dict()
+    assert saved == {"investigations_left": 0, "epochs": [[0, 0], [1, 1]]}
+    mon2 = st.Monitor(model, run_dir=path, config=quiet(memory={"snapshots": 1}), resume=True)
+    assert mon2.extension("memory").state_dict() == saved
+    mon2.close()

@@ -232,3 +232,10 @@ def test_sigterm_in_a_real_process_writes_the_dump(tmp_path):
     assert re.search(r'File "<string>", line 1[89], in <module>', text)  # the print or the sleep
     meta = json.loads((path / "meta.json").read_text())
     assert meta["status"] == "crashed" and "SIGTERM" in meta["error"]
+
+
+def test_level_names_are_validated():
+    cfg = st.load_config({"recorder": {"level": "warn", "levels": {"urllib3": "error"}}})
+    assert cfg.recorder.level == "WARNING" and cfg.recorder.levels == {"urllib3": "ERROR"}
+    with pytest.raises(st.ConfigError, match="not a logging level: 'LOUD'"):
+        st.load_config({"recorder": {"level": "LOUD"}})

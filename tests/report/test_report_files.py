@@ -25,8 +25,10 @@ def test_close_writes_both_files_and_the_page_is_self_contained(gpt2_run):
         assert f'data-plot="{plot_id}"' in html and f"report_files/{plot_id}.png" in md
         assert (gpt2_run / "report_files" / f"{plot_id}.png").stat().st_size > 1000
     # sections without data are absent
-    for missing in ("memory", "dumps"):
+    for missing in ("dumps", "preflight"):
         assert f'<section id="{missing}"' not in html
+    # the memory monitor is on by default: its RSS curve is drawn
+    assert '<section id="memory"' in html and 'data-plot="memory"' in html
     # the monitor captured the attention: per-head entropy / sink share over layers x heads
     assert '<section id="attention"' in html and 'data-plot="attention"' in html
     # the monitor's per-module profile: slowest modules by self time
