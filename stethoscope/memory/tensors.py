@@ -165,6 +165,14 @@ _ACCUMULATE_HINT = (
     "next, so none is ever freed. Accumulate a number: `total_loss += loss.item()` (or `loss.detach()`)"
 )
 
+_SMALL_HINT = (
+    "a small tensor is kept from every step — typically `losses.append(loss.detach())` for a later mean. Its "
+    "own bytes are tiny, but thousands of small long-lived allocations interleaved with each step's large "
+    "temporary ones fragment the allocator's heap, so process memory still climbs (about 1 MiB per step "
+    "measured on stethoscope's own demo). Keep a bounded window (`collections.deque(maxlen=100)`), a running "
+    "device sum (`total = total + loss.detach()`), or floats read every N steps"
+)
+
 
 def compare(a: Snapshot, b: Snapshot, steps: int, top: int = 5) -> Accumulation:
     """Name what accumulates between snapshot ``a`` and the later ``b``, ``steps`` steps apart."""
@@ -222,6 +230,16 @@ def compare(a: Snapshot, b: Snapshot, steps: int, top: int = 5) -> Accumulation:
             f"{r['count_growth']} more {r['group'].replace(', holding', ' holding')} after {steps} steps "
             f"(about {r['per_step']:g} per step, +{r['bytes_growth'] / 2**20:.1f} MiB)",
             _APPEND_HINT,
+            "append",
+        )
+    small = [r for r in rows if _numel(r["shape"]) <= 16 and r["count_growth"] >= max(1, steps // 2)]
+    if small:
+        r = small[0]
+        return Accumulation(
+            rows,
+            f"{r['count_growth']} more small tensors of {r['group']} after {steps} steps "
+            f"(about {r['per_step']:g} per step; {r['count']} alive now)",
+            _SMALL_HINT,
             "append",
         )
     if rows:

@@ -82,6 +82,24 @@ def test_compare_names_a_running_sum_that_chains_graphs():
     del total
 
 
+def test_compare_names_small_detached_tensors_kept_every_step():
+    # stethoscope's own demo did this (`losses.append(loss.detach())`) and its process memory climbed about
+    # 1 MiB per step through heap fragmentation: the tensors hold no graph, yet they are the cause
+    model = _mlp()
+    losses = []
+    for _ in range(3):
+        losses.append(model(torch.randn(8, 64)).pow(2).mean().detach())
+    a = snapshot(3)
+    for _ in range(8):
+        losses.append(model(torch.randn(8, 64)).pow(2).mean().detach())
+    b = snapshot(11)
+    acc = compare(a, b, steps=8)
+    assert acc.pattern == "append"
+    assert acc.cause.startswith("8 more small tensors of scalar float32 on cpu")
+    assert "deque(maxlen" in acc.hint and "fragment" in acc.hint
+    del losses
+
+
 def test_snapshot_keeps_no_reference_to_any_tensor():
     import gc
     import weakref
