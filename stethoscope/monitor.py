@@ -165,7 +165,10 @@ class Monitor:
         self._scratch = Scratch()  # work buffers reused by every statistic (3 x 2 MiB per device at most)
         self._metrics = rd.JsonlWriter(self.run_dir / rd.METRICS)
         self._findings_writer = rd.JsonlWriter(self.run_dir / rd.FINDINGS)
-        self.findings = FindingLog(self._findings_writer, rank=self.rank, on_open=self._on_finding_open)
+        # held weakly: the watchdog thread keeps the finding log, and a running thread must not keep a
+        # forgotten monitor (and its hooks) alive
+        self.findings = FindingLog(self._findings_writer, rank=self.rank,
+                                   on_open=_weak_method(self._on_finding_open))
         self._stop_error: CriticalFindingError | None = None
         self._loss_spikes = SpikeDetector(cfg.stats.loss_spike)
         self._grad_spikes = SpikeDetector(cfg.stats.grad_norm_spike)
@@ -237,7 +240,7 @@ class Monitor:
             self._watchdog = Watchdog(
                 self.heartbeat, self.findings, self.run_dir, cfg.watchdog,
                 console=None if self._quiet else self._console,
-                before_exit=lambda error: self._write_meta("crashed", error=error),
+                before_exit=_weak_method(self._write_meta, "crashed"),
             ).start()
 
     # ------------------------------------------------------------------ attaching
@@ -1026,6 +1029,18 @@ class Monitor:
         with contextlib.suppress(Exception):
             if not getattr(self, "_closed", True):
                 self._detach()
+
+
+def _weak_method(method: Callable, *bound: Any) -> Callable:
+    """``method`` (with leading ``bound`` arguments) called through a weak reference to its object: a no-op
+    once the object is gone. For callbacks handed to threads and logs that may outlive a forgotten monitor."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        fn = ref()
+        return None if fn is None else fn(*bound, *args, **kwargs)
+
+    return call
 
 
 def _optimizer_summary(opt: torch.optim.Optimizer | None) -> dict | None:

@@ -119,7 +119,11 @@ def snapshot(step: int | None = None, largest: int = 10, graphs: bool = True) ->
         graph_holders = []
         for t in tensors:
             try:
-                g = Group(tuple(t.shape), str(t.dtype).replace("torch.", ""), str(t.device), _holds(t))
+                shape = tuple(t.shape)
+                if not all(type(d) is int for d in shape):  # a compiler's fake tensor (symbolic sizes)
+                    continue
+                g = Group(shape, str(t.dtype).replace("torch.", ""), str(t.device), _holds(t))
+                hash(g.key)
             except Exception:
                 continue
             n = _nbytes(t)

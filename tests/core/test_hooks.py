@@ -111,7 +111,29 @@ def test_a_forgotten_monitor_does_not_keep_the_model_alive(run_dir):
     del model
     gc.collect()
     assert ref() is None  # hooks hold the monitor weakly and the monitor holds the model weakly
+    mon_ref = weakref.ref(mon)
     del mon
+    gc.collect()
+    # nor does anything keep the monitor itself: not its watchdog thread, nor the recorder's logging capture
+    assert mon_ref() is None
+
+
+def test_a_forgotten_monitor_is_freed_and_gives_back_the_logging_levels(run_dir):
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    model = nn.Linear(3, 3)
+    mon = st.Monitor(model, run_dir=run_dir(), config=quiet_config())  # watchdog and recorder on
+    with mon.step(0):
+        model(torch.randn(2, 3)).sum().backward()
+    mon_ref = weakref.ref(mon)
+    del mon
+    gc.collect()
+    assert mon_ref() is None
+    assert root.level == before  # the recorder lowered it to capture DEBUG records; __del__ restored it
+    hooks = [h for m in model.modules() for h in (m._forward_hooks, m._forward_pre_hooks) if h]
+    assert hooks == []
 
 
 # ---------------------------------------------------------------- shared and repeated modules
