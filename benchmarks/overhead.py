@@ -13,7 +13,9 @@ the same round. Printed: the median ratio with a bootstrap 95 % interval.
        an unsampled step (issue 7: <= 1.02)
   (b) sampled step: statistics of every module output, linear input, gradient and update ratio
       (including the flush that brings them to the host and writes them)
-  (b') the same with the statistics fused by ``torch.compile`` (``stats.compile: always``; the compile
+      and, with the default config, attention capture (recomputed probabilities, per-head statistics)
+  (b0) the same with ``attention.capture: off``: the monitor core's statistics alone
+  (b') the same as (b) with the statistics fused by ``torch.compile`` (``stats.compile: always``; the compile
       itself happens in the warm-up and is not timed)
   (c) the default schedule amortized over a long run: ((every - 1) * a + b) / every
   (d) hand-written reference: a forward hook on every module calling ``.item()`` per statistic
@@ -88,13 +90,16 @@ def main() -> None:
 
     set_console(Console(file=io.StringIO()))  # keep the benchmark output to the table
     base = build()
-    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "am": copy.deepcopy(base), "b": copy.deepcopy(base), "bc": copy.deepcopy(base),
+    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "am": copy.deepcopy(base), "b": copy.deepcopy(base), "b0": copy.deepcopy(base), "bc": copy.deepcopy(base),
                 "d": copy.deepcopy(base), "t": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-4) for k, m in variants.items()}
     tmp = tempfile.mkdtemp(prefix="stethoscope-bench-")
     # One monitor per instrumented model; the schedule decides sampled (b) or not (a).
     mon_a = st.Monitor(variants["a"], optimizer=opts["a"], run_dir=f"{tmp}/a", schedule=lambda s: False)
     mon_b = st.Monitor(variants["b"], optimizer=opts["b"], run_dir=f"{tmp}/b", schedule=lambda s: True)
+    # (b0) the same with attention capture off: the monitor core's statistics alone (issue 2's row)
+    mon_b0 = st.Monitor(variants["b0"], optimizer=opts["b0"], run_dir=f"{tmp}/b0", schedule=lambda s: True,
+                        config={"attention": {"capture": "off"}})
     # (b') the same with the statistics fused by torch.compile (stats.compile: always; compiled in warm-up)
     mon_bc = st.Monitor(variants["bc"], optimizer=opts["bc"], run_dir=f"{tmp}/bc", schedule=lambda s: True,
                         config={"stats": {"compile": "always"}})
@@ -129,8 +134,8 @@ def main() -> None:
         i = steps[kind]
         steps[kind] += 1
         t0 = time.perf_counter()
-        if kind in ("a", "a0", "am", "b", "bc"):
-            mon = {"a": mon_a, "a0": mon_a0, "am": mon_am, "b": mon_b, "bc": mon_bc}[kind]
+        if kind in ("a", "a0", "am", "b", "b0", "bc"):
+            mon = {"a": mon_a, "a0": mon_a0, "am": mon_am, "b": mon_b, "b0": mon_b0, "bc": mon_bc}[kind]
             with mon.step(i):
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
@@ -168,6 +173,7 @@ def main() -> None:
     mon_a0.close()
     mon_am.close()
     mon_b.close()
+    mon_b0.close()
     mon_bc.close()
     if wandb_run is not None:
         wandb_run.finish()
@@ -182,6 +188,7 @@ def main() -> None:
         ("(a0) monitor attached, unsampled step, watchdog off", "a0"),
         ("(am) unsampled step, memory monitor + recorder off", "am"),
         ("(b) sampled step, every module/parameter/update + flush", "b"),
+        ("(b0) the same, attention capture off (core statistics)", "b0"),
         ("(b') the same, statistics compiled (stats.compile: always)", "bc"),
         ("(d) hand-written .item() hooks, 5 statistics", "d"),
         ("(e) wandb.watch(log='all', log_freq=1)", "e"),
