@@ -928,6 +928,19 @@ class Monitor:
     def closed(self) -> bool:
         return self._closed
 
+    def add_extension(self, ext: Any) -> None:
+        """Drive ``ext`` (an :class:`~stethoscope.extensions.Extension`) from now on, after the built-in ones.
+
+        For integrations that need the step moments of a monitor they did not build; its name must be new.
+        """
+        if self.disabled:
+            return
+        if self._closed:
+            raise MonitorClosedError("Monitor.add_extension() was called after close()")
+        if self.extension(getattr(ext, "name", "")) is not None:
+            raise MonitorUsageError(f"an extension named {ext.name!r} is already attached")
+        self._extensions.append(ext)
+
     def extension(self, name: str) -> Any:
         """The running extension called ``name`` (see :mod:`stethoscope.extensions`), or ``None``."""
         for ext in getattr(self, "_extensions", []):

@@ -104,5 +104,5 @@ def attach(monitor: Any) -> Headline | None:
     ext = monitor.extension(Headline.name)
     if ext is None:
         ext = Headline(monitor)
-        monitor._extensions.append(ext)
+        monitor.add_extension(ext)
     return ext

@@ -145,3 +145,19 @@ def test_begin_end_step_without_a_with_block(tmp_path):
     mon.close()
     run = st.load_run(tmp_path / "run")
     assert set(run.metrics_of("grad")["step"]) == {0, 1, 2}
+
+
+def test_add_extension_drives_it_and_refuses_a_duplicate_name(tmp_path):
+    model = nn.Linear(4, 2)
+    mon = st.Monitor(model, run_dir=tmp_path / "run", config={"console": {"quiet": True},
+                                                             "report": {"enabled": False}})
+    ext = Recorder()
+    mon.add_extension(ext)
+    with pytest.raises(st.MonitorUsageError, match="already attached"):
+        mon.add_extension(Recorder())
+    with mon.step(0):
+        model(torch.randn(3, 4)).sum().backward()
+    mon.close()
+    assert ext.calls[0] == ("begin", 0, True) and ext.calls[-1] == ("close", "finished")
+    with pytest.raises(st.MonitorClosedError):
+        mon.add_extension(Recorder())
