@@ -128,6 +128,9 @@ class MemoryConfig(StrictModel):
         2, ge=0, description="leak investigations per run (two live-tensor snapshots each); 0 = never"
     )
     snapshot_gap: int = Field(5, ge=1, description="steps between the two snapshots of an investigation")
+    census_every: int = Field(
+        500, ge=0, description="count live tensors every N steps: graph holders piling up are a leak; 0 = off"
+    )
     oom_dump: bool = Field(True, description="an out-of-memory error in a step writes crash-*.txt + memory.oom")
     input_shapes: bool = Field(True, description="remember the shapes of the model's inputs (for OOM context)")
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from stethoscope import rundir as rd
 from stethoscope.extensions import Extension
-from stethoscope.memory.leak import CODE, OOM_CODE, Growth, judge_window
+from stethoscope.memory.leak import CENSUS_PER_STEP, CODE, GRAPHS, OOM_CODE, Growth, judge_window
 from stethoscope.memory.oom import (
     input_shapes,
     is_oom,
@@ -95,6 +95,7 @@ class MemoryExtension(Extension):
         self.check_every = max(1, cfg.leak_window // 10)
         self.investigations_left = cfg.snapshots
         self.pending: dict | None = None  # a leak investigation waiting for its second snapshot
+        self.census: Snapshot | None = None  # the last periodic count of live tensors (memory.census_every)
         self.causes: dict[str, Accumulation] = {}  # what an investigation found, per target
         self.last: dict = {}  # the latest readings
         self.steps_seen = 0
@@ -162,6 +163,8 @@ class MemoryExtension(Extension):
             self._finish_investigation(step)
         if self.steps_seen % self.check_every == 0:
             self._check(step)
+        if self.cfg.census_every and self.steps_seen % self.cfg.census_every == 0:
+            self._take_census(step)
 
     def _read(self) -> None:
         last = self.last
@@ -228,6 +231,37 @@ class MemoryExtension(Extension):
                     self.pending = {"step": step, "snapshot": snap, "targets": {target: (sev, g, th.shown)}}
             else:
                 self._emit(target, sev, g, th.shown, step, None)
+
+    def _take_census(self, step: int) -> None:
+        """Count live tensors; tensors holding an autograd graph that pile up between two counts are a leak.
+
+        This catches what process memory shows only slowly: in a training loop that keeps each step's loss
+        (`losses.append(loss)`), backward frees the activations, and what piles up is the graphs' nodes — a
+        few KiB per step, lost in the noise of RSS, until it is not.
+        """
+        snap = self._snapshot(step)
+        prev, self.census = self.census, snap
+        if prev is None or snap is None or prev.step is None:
+            return
+        steps = step - prev.step
+        acc = compare(prev, snap, steps)
+        grown = sum(r["count_growth"] for r in acc.rows if r["holds"].startswith("graph:"))
+        mon = self._mon()
+        if mon is None:
+            return
+        if acc.pattern is None or (acc.pattern == "append" and grown < max(8, CENSUS_PER_STEP * steps)):
+            if mon.findings.is_open(CODE, GRAPHS):  # the pile stopped growing
+                mon.findings.clear(CODE, GRAPHS, step, grown)
+            return
+        per_step = grown / max(1, steps)
+        message = (
+            f"tensors holding an autograd graph pile up: {acc.cause}. Process memory may not show it yet "
+            f"(backward freed the activations; each graph's nodes remain), but it grows without bound"
+        )
+        data = {"window": [prev.step, step], "graph_holders_gained": grown, "per_step": round(per_step, 3),
+                "accumulating": acc.rows, "pattern": acc.pattern, "rss_bytes": self.last.get(RSS)}
+        mon.findings.report(CODE, GRAPHS, "warning", grown, round(CENSUS_PER_STEP * steps), message,
+                            acc.hint or _GENERIC_HINT, step, data=data)
 
     def _snapshot(self, step: int) -> Snapshot | None:
         try:

@@ -26,6 +26,10 @@ OOM_CODE = "memory.oom"
 
 # Growth over the window, in MiB: a warning from 32 MiB, critical from 1 GiB.
 LEAK_THRESHOLD = Threshold(warning=32.0, critical=1024.0)
+GRAPHS = "autograd.graphs"  # the census target: tensors holding an autograd graph that pile up
+# A census finding needs this many more graph-holding tensors per step between two censuses (at least 8 in all):
+# one per step is `losses.append(loss)`; a model that keeps its last outputs does not grow at all.
+CENSUS_PER_STEP = 0.5
 register_threshold(
     CODE, LEAK_THRESHOLD, "memory growth over memory.leak_window steps (MiB, Theil-Sen slope x span)"
 )

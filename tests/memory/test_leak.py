@@ -158,6 +158,45 @@ def test_appending_loss_item_is_silent(run_dir):
     assert (mem["rss_bytes"] > 50 * MIB).all()
 
 
+def _training_loop(run_dir, keep, steps: int = 36) -> st.Run:
+    """A real training loop (backward, optimizer step) that keeps each step's loss with ``keep``.
+
+    Backward frees the saved activations, so a kept loss holds only its graph's nodes: a few KiB per step,
+    far below what the RSS test can see in a short run. The periodic census finds it.
+    """
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    kept = []
+    cfg = quiet(memory={"census_every": 10}, sampling={"warmup_steps": 2, "every": 1000})
+    with st.Monitor(model, opt, run_dir=run_dir, config=cfg) as mon:
+        for step in range(steps):
+            with mon.step(step):
+                loss = model(torch.randn(16, 64)).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                kept.append(keep(loss))
+            mon.log(loss=loss.detach())
+    return st.load_run(run_dir)
+
+
+def test_a_training_loop_appending_its_loss_is_found_by_the_census(run_dir):
+    run = _training_loop(run_dir(), keep=lambda loss: loss)
+    leaks = [f for f in run.findings if f.code == "memory.leak"]
+    assert [f.target for f in leaks] == ["autograd.graphs"]
+    f = leaks[0]
+    assert f.severity == "warning" and f.data["pattern"] == "append"
+    assert f.data["per_step"] >= 0.9  # one kept loss per step
+    assert "holding an autograd graph (MeanBackward0)" in f.message
+    assert "losses.append(loss.item())" in f.hint
+
+
+def test_a_training_loop_appending_loss_item_is_silent(run_dir):
+    run = _training_loop(run_dir(), keep=lambda loss: loss.item())
+    assert [f for f in run.findings if f.code.startswith("memory.")] == []
+
+
 def test_epoch_boundaries_are_marked_and_the_report_draws_them(run_dir):
     from stethoscope.report.content import build
 
