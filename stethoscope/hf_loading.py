@@ -87,6 +87,21 @@ def load_local(path: str | Path) -> LocalCheckpoint:
 def encode(checkpoint: LocalCheckpoint, text: str) -> dict:
     """Tokenise ``text`` into the keyword arguments the model's ``forward`` accepts."""
     batch = checkpoint.tokenizer(text, return_tensors="pt")
+    ids = batch.get("input_ids")
+    if ids is not None and ids.numel() == 0:
+        raise StethoscopeError(
+            f"the tokenizer in {str(checkpoint.path)!r} turned {text[:40]!r} into no tokens — most likely no "
+            "tokenizer files were saved there (transformers then builds an empty one); save the tokenizer "
+            "beside the model with tokenizer.save_pretrained(MODEL_DIR)"
+        )
+    rows = getattr(checkpoint.model.get_input_embeddings(), "num_embeddings", None) if hasattr(
+        checkpoint.model, "get_input_embeddings") else None
+    if ids is not None and rows is not None and int(ids.max()) >= rows:
+        raise StethoscopeError(
+            f"the tokenizer in {str(checkpoint.path)!r} produced token id {int(ids.max())}, but the model's "
+            f"embedding has {rows} rows: the tokenizer does not belong to this model (or the embedding was not "
+            "resized after adding tokens: model.resize_token_embeddings(len(tokenizer)))"
+        )
     try:
         accepted = set(inspect.signature(checkpoint.model.forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover - exotic forward

@@ -89,3 +89,22 @@ def test_trace_bad_model_dir_is_a_clean_error(monkeypatch, capsys, console_text,
     (tmp_path / "empty").mkdir()
     code, out = run_cli(monkeypatch, capsys, console_text, "trace", tmp_path / "empty", "--text", "x")
     assert code == 2 and "no config.json" in out
+
+
+def test_trace_checkpoint_without_tokenizer_or_with_a_foreign_one_is_a_clean_error(
+        monkeypatch, capsys, console_text, tmp_path, gpt2_checkpoint):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    bare = tmp_path / "bare"  # model only: transformers builds an empty tokenizer that yields no tokens
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=32)).save_pretrained(bare)
+    code, out = run_cli(monkeypatch, capsys, console_text, "trace", bare, "--text", "hello world")
+    assert code == 2 and "into no tokens" in out and "tokenizer.save_pretrained" in out
+    foreign = tmp_path / "foreign"  # a 30k-token tokenizer beside a 300-row embedding
+    shutil.copytree(bare, foreign)
+    for f in gpt2_checkpoint.iterdir():
+        if "token" in f.name or f.name == "vocab.txt":
+            shutil.copy(f, foreign / f.name)
+    code, out = run_cli(monkeypatch, capsys, console_text, "trace", foreign, "--text", "hello world")
+    assert code == 2 and "embedding has 300 rows" in out
