@@ -188,6 +188,7 @@ class Monitor:
         self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
         self._calls: dict[str, int] = {}
         self._dedup: dict[tuple, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        self._sums: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}  # input sums of the step, per tensor
         self._missing: list[str] = []
         self._update_snapshot: list[tuple[torch.device, list[str], list[torch.Tensor], list]] = []
         self._pending: dict | None = None  # the last step's record, waiting for its flush
@@ -386,10 +387,10 @@ class Monitor:
         # A finite sum proves every entry finite: one device scalar (the sum of the inputs' sums), no host
         # read; the host reads a non-finite flag as "an input was not finite".
         if len(tensors) == 1:
-            flag = tensors[0].detach().sum(dtype=torch.float32).reshape(1)
+            flag = self._input_sum(tensors[0])
         else:
             device = tensors[0].device
-            flag = torch.stack([t.detach().sum(dtype=torch.float32).to(device) for t in tensors]).sum().reshape(1)
+            flag = torch.cat([self._input_sum(t).to(device) for t in tensors]).sum().reshape(1)
         # a stack per name: a module that calls itself keeps each call's own flag
         self._input_flags.setdefault(name, []).append(flag)
         if is_linear:
@@ -401,6 +402,16 @@ class Monitor:
                       x.shape[-1] if features else 0), row)
             if per_feature is not None and not self.config.stats.per_call:
                 self._collector.add_feature_absmax(("input", name, ""), per_feature)
+
+    def _input_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """(1,) float32 sum of ``t``, once per tensor and step: a hidden state feeds several modules."""
+        key = _tensor_key(t)
+        hit = self._sums.get(key)
+        if hit is not None and hit[0]() is not None:
+            return hit[1]
+        s = t.detach().sum(dtype=torch.float32).reshape(1)
+        self._sums[key] = (weakref.ref(t), s)
+        return s
 
     def _on_output(self, name: str, output: Any) -> None:
         call = self._calls.get(name, 0)
@@ -572,6 +583,7 @@ class Monitor:
         self._scaler_states = getattr(scaler, "_per_optimizer_states", None)
         self._calls = {}
         self._dedup = {}
+        self._sums = {}
         self._input_flags: dict[str, list[torch.Tensor | None]] = {}
         self._missing = []
         self._update_snapshot = []
@@ -594,6 +606,7 @@ class Monitor:
                 self._profile.end_step()
             self._pending = {"step": step, "sampled": self._sampled, "missing": list(self._missing)}
             self._dedup = {}
+            self._sums = {}
             if failed is not None and not isinstance(failed, GeneratorExit):
                 self._crash_error = f"{type(failed).__name__}: {failed}"
                 self._write_meta("crashed", error=self._crash_error)
@@ -1015,6 +1028,7 @@ class Monitor:
         self._grad_marks = []
         self._scaler_states = None
         self._dedup = {}
+        self._sums = {}
         self._input_flags = {}
         self._model_ref = lambda: None  # type: ignore[assignment]
         self._optimizer_ref = None

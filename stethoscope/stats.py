@@ -180,7 +180,15 @@ def _chunk_stats(
 
     per_feature = None
     if width:
-        per_feature = mag.view(-1, width).amax(0)  # (C,)
+        rows = m // width
+        blocks = torch.get_num_threads() if mag.device.type == "cpu" else 1
+        if blocks > 1 and rows % blocks == 0:
+            # Reduce each thread's block of rows, then the blocks: the threads then read the rows they wrote
+            # above, instead of splitting the buffer by columns — which leaves its cache lines on the other
+            # core, and the next chunk's writes wait for them (measured: ~10 % of the engine on 2 threads).
+            per_feature = mag.view(blocks, rows // blocks, width).amax(1).amax(0)  # (C,)
+        else:
+            per_feature = mag.view(-1, width).amax(0)  # (C,)
         absmax = per_feature.max()
     else:
         absmax = torch.maximum(hi, -lo)  # the extremes are finite values: no pass over |x| needed

@@ -264,3 +264,22 @@ def test_huge_finite_values_do_not_overflow():
     ref = reference(t.numpy(), features=False)
     assert math.isfinite(got["std"]) and got["std"] == pytest.approx(ref["std"], rel=1e-5)
     assert math.isfinite(got["norm"]) and got["norm"] == pytest.approx(ref["norm"], rel=1e-5)
+
+
+def test_dead_features_with_row_blocks_per_thread_match_the_plain_reduction():
+    # on CPU with several threads the per-feature max is reduced per block of rows first (a speed path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        t = torch.randn(64, 10, generator=g)
+        t[:, 3] = 0.0
+        t[:, 7] = 1e-9
+        t[5, 7] = math.inf  # ignored, like every non-finite entry
+        feats: list[torch.Tensor] = []
+        row = tensor_stats(t, features=True, feature_absmax=feats)
+        expected = torch.nan_to_num(t, posinf=0.0).abs().amax(0)
+        assert torch.equal(feats[0], expected)
+        assert finalize(row.numpy(), t.numel(), 10).dead_features == 2
+    finally:
+        torch.set_num_threads(threads)
