@@ -63,7 +63,8 @@ class ActDeadFeatures(_Smoothed):
     or a unit is "dead" by chance. A module whose own weights are all zero (a zero-initialised layer, e.g.
     LoRA's B) is skipped while they are, and so is a linear layer whose input is all zeros (it outputs its
     bias; the dead units are upstream); when a parent returns the very same tensor as its child, only the
-    child (the one that finished first) is judged.
+    child (the one that finished first) is judged. Only a module's main output (its first floating tensor) is
+    judged: attention weights, position biases and caches returned beside it are not units.
     """
 
     code = "act.dead_features"
@@ -80,7 +81,12 @@ class ActDeadFeatures(_Smoothed):
         zero_fed = {key[0] for key, rec in record.inputs.items() if rec.stats.zero_fraction >= 0.999}
         for name, recs in first_outputs(record.acts).items():
             best = None
+            # Units are the module's main output (its first floating tensor); secondary outputs — attention
+            # weights, a position bias (all zeros in T5's cross-attention by construction), caches — are not.
+            primary = recs[0].output if recs else ""
             for rec in recs:
+                if rec.output != primary:
+                    continue
                 st = rec.stats
                 if not st.features or st.features < self.MIN_FEATURES or st.dead_features != st.dead_features:
                     continue

@@ -101,3 +101,38 @@ def test_dead_features_need_enough_rows(tmp_path):
         batch=lambda s: (torch.randn(2, 16, generator=torch.Generator().manual_seed(s)), torch.randn(2, 4)),
     )
     assert not found(run, "act.dead_features"), describe(run)
+
+
+def test_secondary_outputs_are_not_units(tmp_path):
+    """T5's cross-attention returns (output, position_bias) with a bias of zeros by construction: not dead."""
+
+    class WithBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.tanh(self.proj(x)), torch.zeros(x.shape[0], 8)  # (output, a zero "bias")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(16, 16)
+            self.block = WithBias()
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h, _bias = self.block(self.first(x))
+            return self.head(h)
+
+    run = train(Net(), tmp_path / "r", 6, lr=1e-3)
+    assert not found(run, "act.dead_features"), describe(run)
+    # a dead main output of the same module is still found
+    class Dead(WithBias):
+        def forward(self, x):
+            return torch.relu(self.proj(x)) * 0.0, torch.zeros(x.shape[0], 8)
+
+    net = Net()
+    net.block = Dead()
+    run = train(net, tmp_path / "r2", 6, lr=1e-3)
+    assert [f.target for f in found(run, "act.dead_features")] == ["block"], describe(run)
