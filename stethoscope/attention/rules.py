@@ -57,6 +57,16 @@ class AttentionRule(Rule):
     def check_module(self, step: int | None, m: ModuleAttention) -> None:
         raise NotImplementedError
 
+    def worst_heads(self, m: ModuleAttention, key: str) -> tuple[float, int, list[int]] | None:
+        """(worst value, its head, the heads at a threshold level) of the per-head statistic ``key``, over the
+        heads that had rows to check; None when none had."""
+        values = [(h[key], h["head"]) for h in m.heads if _finite(h[key]) and h["rows"]]
+        if not values:
+            return None
+        worst, head = max(values)
+        th = self.threshold(m.name)
+        return worst, head, [h for v, h in values if th.severity(v)]
+
 
 class RowSum(AttentionRule):
     code = "attn.row_sum"
@@ -68,11 +78,10 @@ class RowSum(AttentionRule):
         self.thresholds = {self.code: Threshold(tol, max(10 * tol, 1e-2))}
 
     def check_module(self, step, m):
-        errs = [(h["row_sum_error"], h["head"]) for h in m.heads if _finite(h["row_sum_error"]) and h["rows"]]
-        if not errs:
+        found = self.worst_heads(m, "row_sum_error")
+        if found is None:
             return
-        worst, head = max(errs)
-        bad = [h for e, h in errs if self.threshold(m.name).severity(e)]
+        worst, head, bad = found
         self.judge(
             m.name, worst, step,
             message=lambda: (
@@ -96,11 +105,10 @@ class CausalLeak(AttentionRule):
     def check_module(self, step, m):
         if not m.causal:
             return
-        leaks = [(h["causal_leak"], h["head"]) for h in m.heads if _finite(h["causal_leak"]) and h["rows"]]
-        if not leaks:
+        found = self.worst_heads(m, "causal_leak")
+        if found is None:
             return
-        worst, head = max(leaks)
-        bad = [h for v, h in leaks if self.threshold(m.name).severity(v)]
+        worst, head, bad = found
         self.judge(
             m.name, worst, step,
             message=lambda: (
@@ -123,11 +131,10 @@ class PaddingLeak(AttentionRule):
     thresholds: ClassVar[dict[str, Threshold]] = {"attn.padding_leak": Threshold(1e-3, 1e-2)}
 
     def check_module(self, step, m):
-        masses = [(h["padding_mass"], h["head"]) for h in m.heads if _finite(h["padding_mass"]) and h["rows"]]
-        if not masses:
+        found = self.worst_heads(m, "padding_mass")
+        if found is None:
             return
-        worst, head = max(masses)
-        bad = [h for v, h in masses if self.threshold(m.name).severity(v)]
+        worst, head, bad = found
         self.judge(
             m.name, worst, step,
             message=lambda: (
