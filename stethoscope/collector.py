@@ -143,7 +143,7 @@ def merge_stats(parts: list[tuple[np.ndarray, int]], features: int, dead: float 
         if fn <= 0:
             continue
         finite_n += fn
-        sums.append((fn, float(raw[_IDX["sum"]]), float(raw[_IDX["m2"]])))
+        sums.append((fn, float(raw[_IDX["sum"]]), float(raw[_IDX["dev_norm"]]) ** 2))
         zero += float(raw[_IDX["zero"]])
         sat += float(raw[_IDX["saturated"]])
         lo = np.fmin(lo, raw[_IDX["min"]])
@@ -154,7 +154,7 @@ def merge_stats(parts: list[tuple[np.ndarray, int]], features: int, dead: float 
         mean = sum(s for _, s, _ in sums) / finite_n
         m2 = sum(m + n * (s / n - mean) ** 2 for n, s, m in sums)
         merged[_IDX["sum"]] = mean * finite_n
-        merged[_IDX["m2"]] = m2
+        merged[_IDX["dev_norm"]] = math.sqrt(m2)
         merged[_IDX["min"]], merged[_IDX["max"]], merged[_IDX["absmax"]] = lo, hi, amax
         merged[_IDX["zero"]], merged[_IDX["saturated"]] = zero, sat
     if dead is not None:

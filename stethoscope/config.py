@@ -188,6 +188,11 @@ class StorageConfig(StrictModel):
     max_metrics_mb: float = Field(
         1024.0, gt=0.0, description="past this size metrics.jsonl keeps only scalar rows"
     )
+    state_every_s: float = Field(
+        30.0, ge=0.0,
+        description="rewrite state.json at most this often on sampled steps (and whenever a finding changed); "
+        "0 = after every sampled step",
+    )
 
 
 class ReportConfig(StrictModel):

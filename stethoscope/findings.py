@@ -82,9 +82,11 @@ class FindingLog:
         self.counts = {s: 0 for s in SEVERITIES}  # findings ever opened, by their worst severity
         self._worst: dict[str, str] = {}  # id -> worst severity seen (for the counts)
         self.recent: list[dict] = []  # events since the console last asked
+        self.events = 0  # events emitted so far (the monitor saves its state when this moved)
         self._lock = threading.RLock()
 
     def _emit(self, event: str, f: OpenFinding, step: int | None, value: Any) -> dict:
+        self.events += 1
         record = {
             "schema_version": SCHEMA_VERSION,
             "id": f.id,

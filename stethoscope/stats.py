@@ -13,10 +13,20 @@ finite entries then follow exactly:
 
 * sum and min/max come from the zero-filled copy, corrected where the fill could matter;
 * the variance is two-pass (sum of squared deviations from the device-side mean), so a large mean does not
-  cancel the spread (|mean| >> std is common for LayerNorm weights and positional embeddings);
+  cancel the spread (|mean| >> std is common for LayerNorm weights and positional embeddings); the
+  deviations are scaled by a power of two that brings max |x| near 1, so their squares neither overflow
+  nor underflow in float32 whatever the magnitude, and the scale leaves every rounding unchanged;
 * the zero count subtracts the fills, which are zeros that were not in the data.
 
 Complex tensors are summarised by their magnitude; integer and bool tensors are not summarised.
+
+CPU tensors take a shorter road (:func:`_host_chunk`). Their values already live in host memory and every
+CPU kernel has finished when it returns, so reading a scalar back is not a transfer and stalls nothing. The
+engine reads each chunk's sum: when it is finite, every entry is (NaN and ±Inf propagate into a sum), and
+the finite-only bookkeeping above is skipped — about half the passes for a gradient, a third fewer for an
+activation. Extremes that are known on the host skip more: no saturation pass when |x| never exceeds the
+bound, no |x| pass for a non-negative chunk. A chunk with a non-finite entry, and every tensor on an
+accelerator, go through the device road, which never reads a value back.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import torch
 RAW_FIELDS = (
     "nonfinite",  # entries that are NaN or ±Inf
     "sum",  # sum of finite entries
-    "m2",  # sum of squared deviations of finite entries from their mean
+    "dev_norm",  # sqrt of the sum of squared deviations of finite entries from their mean: a norm, so
+    # float32 holds it for any finite input (the sum of squares itself over- or underflows past |x| ~ 1e19
+    # or below ~ 1e-19)
     "min",  # minimum of finite entries
     "max",  # maximum of finite entries
     "absmax",  # max |x| over finite entries
@@ -130,6 +142,9 @@ def tensor_stats(
     flat = src.reshape(-1)  # (n,) a view when contiguous
     n = flat.numel()
     step = max(width, (scratch.size // width) * width)  # whole rows per chunk
+    if reads_host(flat.device):
+        return _host_stats(flat, n, step, width if want_features else 0, eps, saturation, scratch,
+                           feature_absmax)
     rows, per_feature = [], None
     for start in range(0, n, step):
         chunk = flat[start : start + step]
@@ -147,6 +162,147 @@ def tensor_stats(
                                                                             range(0, n, step)])
     merged[_IDX["dead"]] = dead
     return merged
+
+
+def reads_host(device: torch.device) -> bool:
+    """Whether statistics on ``device`` may read values back (CPU: host memory, nothing to wait for)."""
+    return device.type == "cpu"
+
+
+def _host_stats(
+    flat: torch.Tensor, n: int, step: int, width: int, eps: float, saturation: float, scratch: Scratch,
+    feature_absmax: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """:func:`tensor_stats` for a CPU tensor ``(n,)``: chunk rows read and merged on the host in float64."""
+    rows: list[list[float]] = []
+    counts: list[int] = []
+    per_feature = None
+    for start in range(0, n, step):
+        chunk = flat[start : start + step]
+        row, chunk_features = _host_chunk(chunk, eps, saturation, width, scratch)
+        if row is None:  # a non-finite entry: the device road, exact over the finite entries
+            device_row, chunk_features = _chunk_stats(chunk, eps, saturation, width, scratch)
+            row = device_row.tolist()
+        rows.append(row)
+        counts.append(chunk.numel())
+        if chunk_features is not None:
+            per_feature = chunk_features if per_feature is None else torch.maximum(per_feature, chunk_features)
+    merged = rows[0] if len(rows) == 1 else merge_host_rows(rows, counts)
+    if per_feature is not None:
+        merged[_IDX["dead"]] = float(torch.le(per_feature, eps).sum())
+        if feature_absmax is not None:
+            feature_absmax.append(per_feature)
+    else:
+        merged[_IDX["dead"]] = math.nan
+    return torch.tensor(merged, dtype=torch.float32)
+
+
+def _host_chunk(
+    chunk: torch.Tensor, eps: float, saturation: float, width: int, scratch: Scratch
+) -> tuple[list[float] | None, torch.Tensor | None]:
+    """Raw row of a CPU chunk whose entries are all finite, as host floats; ``(None, None)`` otherwise.
+
+    Four to eight passes: the sum (which also proves every entry finite), min/max, the sum of squares (or,
+    under a dominant mean, the deviations from it with their sum and sum of squares), |x| (skipped when no
+    entry is negative) with the per-feature max, the zero count (skipped when no entry is near zero), and the
+    saturation count (skipped when |x| never exceeds the bound).
+    """
+    m = chunk.numel()
+    dev, fill, mag = scratch.get(chunk.device, m)  # (m,) float32 each
+    x = chunk if chunk.dtype == torch.float32 else mag.copy_(chunk)  # statistics of the float32 values
+    total = float(x.sum())
+    if not math.isfinite(total):  # NaN / ±Inf somewhere (or a float32 sum overflowing): the device road
+        return None, None
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    absmax = max(hi, -lo)
+    safe = _SAFE_LOW <= absmax <= _SAFE_HIGH or absmax == 0.0
+    dev_norm = None
+    if safe:
+        # One pass for the spread when the mean is small beside the root mean square (LayerNorm outputs,
+        # residual streams, logits, gradients): sum x^2 - (sum x)^2 / n then loses at most a factor
+        # 1 / (1 - mean^2 / ms) <= 2 of the sum of squares' own relative precision
+        squares = float(_sum_of_squares(x, fill))
+        if total * total <= _ONE_PASS_SHARE * squares * m:
+            dev_norm = math.sqrt(max(squares - total * total / m, 0.0))
+    if dev_norm is None:  # a dominant mean, or magnitudes whose squares leave float32: centre (and scale)
+        mean32 = float(np.float32(total / m))  # the mean the float32 kernel subtracts
+        scale = 1.0 if safe else _unit_scale(max(absmax, _TINY))
+        if scale == 1.0:
+            torch.sub(x, mean32, out=dev)  # deviations from the float32-rounded mean
+        else:  # (x - mean) * 2^k, with the same roundings as x - mean
+            torch.mul(x, scale, out=dev).sub_(mean32 * scale)
+        drift, squares = torch.stack([dev.sum(), _sum_of_squares(dev, fill)]).tolist()
+        # Corrected two-pass, as on the device road: the deviations' own sum removes the rounded mean's bias
+        dev_norm = math.sqrt(max(squares - drift * drift / m, 0.0)) / scale
+        total = m * mean32 + drift / scale
+    mag = torch.abs(x, out=mag) if lo < 0.0 else x  # |x|; a non-negative chunk (ReLU, softmax) is its own
+    per_feature = _feature_absmax(mag, width) if width else None  # (C,)
+    # the kernels compare in float32: the host decides against the same rounded bounds
+    eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
+    near_zero = not (lo > eps32 or hi < -eps32)  # some entry may lie within [-eps, eps]
+    zero = float(torch.le(mag, eps, out=fill).sum()) if near_zero else 0.0
+    saturated = float(torch.gt(mag, saturation, out=fill).sum()) if absmax > saturation32 else 0.0
+    return [0.0, total, dev_norm, lo, hi, absmax, zero, saturated, 0.0], per_feature
+
+
+# Within these bounds on max |x| a chunk's squared deviations stay inside float32's normal range
+# (chunks hold at most 2^19 entries of at most 2^51 squared 2^102: sum < 2^121); outside them the host road
+# scales by a power of two first.
+_SAFE_LOW, _SAFE_HIGH = 2.0**-40, 2.0**51
+_TINY = 2.0**-126  # smallest normal float32: the device road's scale is taken from max(max |x|, this)
+# The host road takes the one-pass spread when mean^2 <= this share of the mean square (see _host_chunk).
+_ONE_PASS_SHARE = 0.5
+
+
+def _sum_of_squares(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Sum of x^2 as a 0-dim tensor, through ``work`` (same shape as x, overwritten).
+
+    Not ``torch.dot``: BLAS accumulates a dot in float32 lanes, measured 7e-5 off on 512K ReLU deviations,
+    where squaring into a buffer and torch's own (cascaded) sum is 2e-8 off, for ~40 % more time.
+    """
+    return torch.mul(x, x, out=work).sum()
+
+
+def _unit_scale(absmax: float) -> float:
+    """The power of two that brings ``absmax`` (> 0) into [1, 2)."""
+    return 2.0 ** -math.floor(math.log2(absmax))
+
+
+def _feature_absmax(mag: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-feature max ``(C,)`` of ``mag`` viewed as ``(rows, C)``.
+
+    On a multi-threaded CPU each thread reduces its own block of rows, then the blocks are combined: the
+    threads then read the rows they wrote in the passes before, instead of splitting the buffer by columns,
+    which leaves its cache lines on the other core so that the next chunk's writes wait for them (measured:
+    ~10 % of the engine on 2 threads). Rows that do not divide into the blocks are reduced on their own.
+    """
+    rows = mag.numel() // width
+    blocks = torch.get_num_threads() if mag.device.type == "cpu" else 1
+    if blocks < 2 or rows < 2 * blocks:
+        return mag.view(rows, width).amax(0)
+    even = rows - rows % blocks
+    per_feature = mag[: even * width].view(blocks, even // blocks, width).amax(1).amax(0)  # (C,)
+    if even < rows:
+        per_feature = torch.maximum(per_feature, mag[even * width :].view(-1, width).amax(0))
+    return per_feature
+
+
+def merge_host_rows(rows: list[list[float]], counts: list[int]) -> list[float]:
+    """Merge raw chunk rows held as host floats (Chan's parallel variance in float64); see _merge_rows."""
+    finite = [n - r[_IDX["nonfinite"]] for r, n in zip(rows, counts, strict=True)]
+    all_finite = sum(finite)
+    total = sum(r[_IDX["sum"]] for r in rows)
+    mean = total / max(all_finite, 1.0)
+    m2 = sum(r[_IDX["dev_norm"]] ** 2 + f * (r[_IDX["sum"]] / max(f, 1.0) - mean) ** 2
+             for r, f in zip(rows, finite, strict=True))
+    has = [r for r, f in zip(rows, finite, strict=True) if f > 0]  # chunks with a finite entry
+    nan = math.nan
+    return [
+        float(sum(r[_IDX["nonfinite"]] for r in rows)), total, math.sqrt(m2),
+        min((r[_IDX["min"]] for r in has), default=nan), max((r[_IDX["max"]] for r in has), default=nan),
+        max(r[_IDX["absmax"]] for r in rows), sum(r[_IDX["zero"]] for r in rows),
+        sum(r[_IDX["saturated"]] for r in rows), 0.0,
+    ]
 
 
 def _chunk_stats(
@@ -171,31 +327,22 @@ def _chunk_stats(
     mean = total / count  # mean of the finite entries, a device scalar
     signed.addcmul_(fill, mean)  # non-finite slots become the mean (inside the finite range); others exact
     lo, hi = torch.aminmax(signed)
-    dev = signed.sub_(mean)  # deviations; exactly 0 at the non-finite slots
+    absmax = torch.maximum(hi, -lo)  # the extremes are finite values: no pass over |x| needed
+    # a power of two with max |x| * scale in [1, 2): the scaled squares stay inside float32's range
+    scale = torch.exp2(-torch.floor(torch.log2(absmax.clamp_min(_TINY))))
+    # (x - mean) * scale in one pass; exactly 0 at the non-finite slots, and rounded as x - mean would be
+    dev = torch.addcmul(-mean * scale, signed, scale, out=signed)
     # Corrected two-pass (Chan, Golub & LeVeque): the float32 mean is off by a few ulps, which would bias
     # every deviation when |mean| >> std; subtracting (sum of deviations)^2 / n removes that bias.
     drift = dev.sum()
-    m2 = torch.dot(dev, dev) - drift * drift / count
-    total = total + drift
+    dev_norm = (_sum_of_squares(dev, fill) - drift * drift / count).clamp_min(0.0).sqrt() / scale
+    total = total + drift / scale
 
-    per_feature = None
-    if width:
-        rows = m // width
-        blocks = torch.get_num_threads() if mag.device.type == "cpu" else 1
-        if blocks > 1 and rows % blocks == 0:
-            # Reduce each thread's block of rows, then the blocks: the threads then read the rows they wrote
-            # above, instead of splitting the buffer by columns — which leaves its cache lines on the other
-            # core, and the next chunk's writes wait for them (measured: ~10 % of the engine on 2 threads).
-            per_feature = mag.view(blocks, rows // blocks, width).amax(1).amax(0)  # (C,)
-        else:
-            per_feature = mag.view(-1, width).amax(0)  # (C,)
-        absmax = per_feature.max()
-    else:
-        absmax = torch.maximum(hi, -lo)  # the extremes are finite values: no pass over |x| needed
+    per_feature = _feature_absmax(mag, width) if width else None  # (C,)
     zero = torch.le(mag, eps, out=fill).sum() - nonfinite  # non-finite slots are zeros not in the data
     saturated = torch.gt(mag, saturation, out=fill).sum()
     dead = torch.zeros((), dtype=torch.float32, device=chunk.device)
-    row = torch.stack([nonfinite, total, m2, lo, hi, absmax, zero, saturated, dead])
+    row = torch.stack([nonfinite, total, dev_norm, lo, hi, absmax, zero, saturated, dead])
     return row, per_feature
 
 
@@ -214,12 +361,12 @@ def _merge_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
     all_finite = finite.sum().clamp_min(1.0)
     mean = total.sum() / all_finite
     chunk_mean = total / finite.clamp_min(1.0)
-    m2 = rows[:, _IDX["m2"]].sum() + (finite * (chunk_mean - mean) ** 2).sum()
+    m2 = (rows[:, _IDX["dev_norm"]] ** 2).sum() + (finite * (chunk_mean - mean) ** 2).sum()
     has = finite > 0  # chunks with at least one finite entry decide min / max
     lo = torch.where(has, rows[:, _IDX["min"]], math.inf).min()
     hi = torch.where(has, rows[:, _IDX["max"]], -math.inf).max()
     return torch.stack([
-        nonfinite.sum(), total.sum(), m2, lo, hi, rows[:, _IDX["absmax"]].max(),
+        nonfinite.sum(), total.sum(), m2.sqrt(), lo, hi, rows[:, _IDX["absmax"]].max(),
         rows[:, _IDX["zero"]].sum(), rows[:, _IDX["saturated"]].sum(), rows[:, _IDX["dead"]].max(),
     ]).to(torch.float32)
 
@@ -257,7 +404,7 @@ def finalize(raw: np.ndarray, count: int, features: int = 0) -> Stats:
     if finite <= 0:
         nan = math.nan
         return Stats(count, nan, nan, nan, nan, nan, nan, nan, nan, nonfinite, nan, features)
-    total, m2 = float(raw[_IDX["sum"]]), float(raw[_IDX["m2"]])
+    total, m2 = float(raw[_IDX["sum"]]), float(raw[_IDX["dev_norm"]]) ** 2
     mean = total / finite
     std = math.sqrt(m2 / (finite - 1)) if finite > 1 else 0.0
     sumsq = m2 + finite * mean * mean
@@ -287,17 +434,20 @@ def _fused(x: torch.Tensor, eps: float, saturation: float, width: int) -> tuple[
     count = finite_n.clamp_min(1.0)
     total = clean.sum()
     mean = total / count
-    dev = torch.where(finite, x - mean, 0.0)
-    drift = dev.sum()
-    m2 = (dev * dev).sum() - drift * drift / count
-    lo = torch.where(finite, x, math.inf).amin()
-    hi = torch.where(finite, x, -math.inf).amax()
     mag = clean.abs()
     per_feature = mag.amax(0)  # (C,)
+    absmax = per_feature.amax()
+    scale = torch.exp2(-torch.floor(torch.log2(absmax.clamp_min(_TINY))))  # as on the eager device road
+    dev = torch.where(finite, (x - mean) * scale, 0.0)
+    drift = dev.sum()
+    dev_norm = ((dev * dev).sum() - drift * drift / count).clamp_min(0.0).sqrt() / scale
+    lo = torch.where(finite, x, math.inf).amin()
+    hi = torch.where(finite, x, -math.inf).amax()
     zero = ((mag <= eps) & finite).sum(dtype=torch.float32)
     saturated = (mag > saturation).sum(dtype=torch.float32)
     dead = (per_feature <= eps).sum(dtype=torch.float32)
-    row = torch.stack([x.numel() - finite_n, total + drift, m2, lo, hi, per_feature.amax(), zero, saturated, dead])
+    row = torch.stack([x.numel() - finite_n, total + drift / scale, dev_norm, lo, hi, absmax, zero, saturated,
+                       dead])
     return row, per_feature
 
 

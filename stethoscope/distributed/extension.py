@@ -32,13 +32,13 @@ from stethoscope.stats import _IDX, RAW_WIDTH, STAT_COLUMNS, Stats
 
 
 def _raw_of(st: Stats) -> tuple[np.ndarray, int]:
-    """A published :class:`Stats` back into a raw row (sum, m2, counts), so ranks merge exactly."""
+    """A published :class:`Stats` back into a raw row (sum, deviation norm, counts), so ranks merge exactly."""
     raw = np.full(RAW_WIDTH, math.nan)
     n = st.count - st.nonfinite
     raw[_IDX["nonfinite"]] = st.nonfinite
     if n > 0:
         raw[_IDX["sum"]] = st.mean * n
-        raw[_IDX["m2"]] = st.std * st.std * (n - 1) if n > 1 else 0.0
+        raw[_IDX["dev_norm"]] = st.std * math.sqrt(n - 1) if n > 1 else 0.0
         raw[_IDX["min"]], raw[_IDX["max"]], raw[_IDX["absmax"]] = st.min, st.max, st.absmax
         raw[_IDX["zero"]] = st.zero_fraction * n
         raw[_IDX["saturated"]] = st.saturation_fraction * n
