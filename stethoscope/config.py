@@ -113,6 +113,9 @@ class AttentionConfig(StrictModel):
     row_sum_tol: float = Field(1.0e-3, gt=0.0)
     sink_share: float = Field(0.5, gt=0.0, le=1.0)
     max_tokens: int = Field(10, ge=1)
+    max_sequences: int = Field(
+        4, ge=0, description="sequences of each batch checked per sampled step (padded ones first); 0 = all"
+    )
     modules: str | list[str] = Field(
         "", description="patterns of plain modules whose output is (output, attention weights); '' = none"
     )

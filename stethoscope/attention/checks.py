@@ -23,6 +23,7 @@ and in a causal module never a future one):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -95,27 +96,34 @@ def scores(call: AttentionCall) -> torch.Tensor:
     q = call.query.detach().float()
     k = call.key.detach().float()
     k = repeat_kv(k, max(1, q.shape[1] // k.shape[1]))
-    s = torch.matmul(q, k.transpose(-1, -2)) * call.scaling
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(call.scaling)  # (B, nh, Tq, Tk), a fresh tensor: in place
     if call.softcap:
-        s = torch.tanh(s / call.softcap) * call.softcap
+        s = s.div_(call.softcap).tanh_().mul_(call.softcap)
     if isinstance(call.position_bias, torch.Tensor):
-        s = s + call.position_bias.detach().float()
+        s = s.add_(call.position_bias.detach().float())
     return s
 
 
-def masked_scores(call: AttentionCall, s: torch.Tensor) -> torch.Tensor:
-    """The scores the softmax sees: the mask as the implementation applies it (blocked keys at -inf)."""
+def masked_scores(call: AttentionCall, s: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """The scores the softmax sees: the mask as the implementation applies it (blocked keys at -inf).
+
+    ``inplace`` writes into ``s`` (a tensor of the caller's own) instead of a copy.
+    """
     tq, tk = s.shape[-2:]
     mask = call.mask
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = mask[..., :tk].to(s.device)
+        inplace = inplace and torch.broadcast_shapes(mask.shape, s.shape) == s.shape
         if mask.dtype == torch.bool:
-            return s.masked_fill(~mask, float("-inf"))
-        m = mask.float()
-        return torch.where(m > MASKED_BELOW, s + m, torch.full_like(s, float("-inf")))
+            blocked = ~mask
+        else:
+            m = mask.float()
+            s = s.add_(m) if inplace else s + m
+            blocked = ~(m > MASKED_BELOW)  # NaN blocks too
+        return s.masked_fill_(blocked, float("-inf")) if inplace else s.masked_fill(blocked, float("-inf"))
     if mask is None and call.implicit_causal and tq > 1:
-        top_left = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril()  # SDPA's is_causal alignment
-        return s.masked_fill(~top_left, float("-inf"))
+        blocked = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril().logical_not_()  # SDPA's is_causal
+        return s.masked_fill_(blocked, float("-inf")) if inplace else s.masked_fill(blocked, float("-inf"))
     return s
 
 
@@ -124,7 +132,41 @@ def recompute(call: AttentionCall) -> torch.Tensor:
 
     Rows the mask blocks entirely come out as NaN (they are not valid rows and are not checked).
     """
-    return torch.softmax(masked_scores(call, scores(call)), dim=-1)
+    return torch.softmax(masked_scores(call, scores(call), inplace=True), dim=-1)
+
+
+def pick_sequences(batch: int, limit: int, padding: torch.Tensor | None) -> torch.Tensor | None:
+    """The batch items to check when at most ``limit`` may be (0 = all), as a sorted index tensor; None = all.
+
+    Half the places go to the sequences with the most padding (a padding leak only shows where there is
+    padding), the rest to the first sequences not taken yet. Chosen on the mask's device: no host read.
+    """
+    if limit <= 0 or batch <= limit:
+        return None
+    if not (isinstance(padding, torch.Tensor) and padding.dim() == 2 and padding.shape[0] == batch):
+        return torch.arange(limit)
+    i = torch.arange(batch, device=padding.device)  # (B,)
+    half = (limit + 1) // 2
+    counts = padding.sum(-1)  # (B,) padding positions per sequence
+    first = torch.topk(counts * batch + (batch - 1 - i), half).indices  # most padding, earliest on ties
+    taken = torch.zeros(batch, dtype=torch.bool, device=padding.device).index_fill_(0, first, True)
+    rest = torch.topk(torch.where(taken, -2 * batch, -i), limit - half).indices  # earliest not taken
+    return torch.cat([first, rest]).sort().values
+
+
+def select_sequences(call: AttentionCall, probs: torch.Tensor | None, index: torch.Tensor):
+    """(call, probs) restricted to the batch items in ``index``; tensors without that batch dim are shared."""
+    b = (probs if probs is not None else call.query).shape[0]
+
+    def take(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b:
+            return t.index_select(0, index.to(t.device))
+        return t
+
+    part = AttentionCall(**{**call.__dict__, "query": take(call.query), "key": take(call.key),
+                            "value": None, "mask": take(call.mask), "position_bias": take(call.position_bias),
+                            "weights": None})
+    return part, take(probs)
 
 
 def _chunks(call: AttentionCall, probs: torch.Tensor | None):
@@ -187,8 +229,7 @@ def head_statistics(
 def _chunk_stats(p, allowed, causal, pad, input_ids):
     b, h, tq, tk = p.shape
     device = p.device
-    allowed_b = allowed.expand(b, h, tq, tk)
-    n_allowed = allowed_b.sum(-1)  # (B, nh, Tq)
+    n_allowed = allowed.sum(-1).expand(b, h, tq)  # (B, nh, Tq); counted before expanding (the mask is small)
     valid = n_allowed > 0
     if pad is not None and tq == tk:  # a padding query's row is noise nobody reads
         valid = valid & ~pad[:, None, :]
@@ -197,17 +238,19 @@ def _chunk_stats(p, allowed, causal, pad, input_ids):
     good = valid & ~nan_row
     zero = torch.zeros((), device=device)
     err = torch.where(good, (row_sum - 1).abs(), zero).amax(dim=(0, 2))  # (nh,) inf stays inf
-    pc = torch.where(good[..., None], p.clamp_min(0), zero)
-    ent = -torch.special.xlogy(pc, pc).sum(-1)  # (B, nh, Tq)
+    # -p log p per entry (0 at p = 0); rows that are not good are dropped below, whatever they hold
+    work = p.clamp_min(0)  # (B, nh, Tq, Tk) the one full-size temporary, reused below
+    ent = -torch.special.xlogy(work, work, out=work).sum(-1)  # (B, nh, Tq) -p log p summed (0 at p = 0)
     two = good & (n_allowed >= 2)
     ent_norm = ent / torch.log(n_allowed.clamp_min(2).float())
     if causal:
         fut = future_mask(tq, tk, device)
-        leak = torch.where(good, torch.where(fut, p, zero).sum(-1).abs(), zero).amax(dim=(0, 2))
+        mass = torch.mul(p, fut, out=work).sum(-1).abs()  # (B, nh, Tq) on future keys
+        leak = torch.where(good, mass, zero).amax(dim=(0, 2))
     else:
         leak = torch.zeros(h, device=device)
     if pad is not None:
-        pmass = torch.where(pad[:, None, None, :], p, zero).sum(-1).abs()
+        pmass = torch.mul(p, pad[:, None, None, :], out=work).sum(-1).abs()  # (B, nh, Tq) on padding keys
         pad_max = torch.where(good, pmass, zero).amax(dim=(0, 2))
     else:
         pad_max = torch.zeros(h, device=device)

@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from stethoscope.attention import capture as cap
-from stethoscope.attention.checks import TAIL, WIDTH, head_statistics, merge_rows, summarize
+from stethoscope.attention.checks import (
+    TAIL,
+    WIDTH,
+    head_statistics,
+    merge_rows,
+    pick_sequences,
+    select_sequences,
+    summarize,
+)
 from stethoscope.attention.rules import RULES, ModuleAttention, RowSum, Sink
 from stethoscope.collector import Entry
 from stethoscope.config import patterns
@@ -211,7 +219,16 @@ class AttentionExtension(Extension):
         probs, method = self._probabilities(call)
         if probs is None and call.query is None:
             return
-        row = head_statistics(call, probs, self._padding, self._input_ids)
+        padding, ids = self._padding, self._input_ids
+        batch = (probs if probs is not None else call.query).shape[0]
+        index = pick_sequences(batch, mon.config.attention.max_sequences,
+                               padding if padding is not None and padding.shape[0] == batch else None)
+        if index is not None:  # a bounded share of the batch: the cost stays flat as batches grow
+            call, probs = select_sequences(call, probs, index)
+            padding = padding.index_select(0, index.to(padding.device)) \
+                if padding is not None and padding.shape[0] == batch else padding
+            ids = ids.index_select(0, index.to(ids.device)) if ids is not None and ids.shape[0] == batch else ids
+        row = head_statistics(call, probs, padding, ids)
         heads = (row.numel() - TAIL) // WIDTH
         self.methods[call.name] = method
         self._causal[call.name] = call.causal

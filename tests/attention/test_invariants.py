@@ -167,6 +167,37 @@ def test_padding_ignored_by_a_bidirectional_attention_is_a_padding_leak(tmp_path
     assert all(f.severity == "critical" and "padding" in f.message for f in found)
 
 
+def test_a_padding_leak_is_found_when_only_the_last_of_many_sequences_is_padded(tmp_path):
+    # attention.max_sequences (2 here) bounds the sequences checked; padded ones are taken first
+    _register("test_no_mask", hf_no_causal_mask)
+    model = bert()
+    model.config._attn_implementation_internal = "test_no_mask"
+    ids = torch.randint(1, 128, (9, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(9, 12, dtype=torch.long)
+    mask[8, 7:] = 0  # only the last sequence has padding
+    ids[mask == 0] = 0
+
+    def forward(m, step):
+        return m(input_ids=ids, attention_mask=mask).last_hidden_state.pow(2).mean()
+
+    run = train(model, 2, forward, tmp_path / "r", config={"attention": {"max_sequences": 2}})
+    assert {f.code for f in attn_findings(run)} == {"attn.padding_leak"}, describe(run.findings)
+
+
+def test_pick_sequences_takes_the_most_padded_then_the_first():
+    from stethoscope.attention.checks import pick_sequences
+
+    pad = torch.zeros(8, 10, dtype=torch.bool)
+    pad[6, 4:] = True  # 6 padding positions
+    pad[3, 8:] = True  # 2
+    pad[7, 5:] = True  # 5
+    assert pick_sequences(8, 4, pad).tolist() == [0, 1, 6, 7]  # two most padded, then the first two
+    assert pick_sequences(8, 5, pad).tolist() == [0, 1, 3, 6, 7]
+    assert pick_sequences(8, 3, None).tolist() == [0, 1, 2]
+    assert pick_sequences(8, 0, pad) is None and pick_sequences(8, 8, pad) is None  # all of them
+    assert pick_sequences(8, 2, torch.zeros(8, 10, dtype=torch.bool)).tolist() == [0, 1]
+
+
 # ---------------------------------------------------------------------- collapse
 class SharpAttention(CausalAttention):
     """Every row attends to the previous token only (one-hot, off the first token): a collapsed head."""
