@@ -310,7 +310,7 @@ def _chunk_stats(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Statistics of one 1-D chunk (length a multiple of ``width`` when ``width`` > 0).
 
-    About 13 elementwise passes over three reused buffers, exact over the finite entries: magnitudes first
+    About 14 elementwise passes over three reused buffers, exact over the finite entries: magnitudes first
     (they also give the finite indicator), then the signed statistics, where the non-finite slots are set to
     the mean (inside the finite range for min/max, and exactly zero deviation for the variance).
     """
