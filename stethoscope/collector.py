@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stethoscope.stats import _IDX, RAW_WIDTH, Stats, finalize
+from stethoscope.stats import _IDX, RAW_WIDTH, Stats, finalize, merge_host_rows
 
 
 @dataclass
@@ -128,38 +128,9 @@ def merge_stats(parts: list[tuple[np.ndarray, int]], features: int, dead: float 
     if len(parts) == 1 and dead is None:
         raw, count = parts[0]
         return finalize(raw, count, features)
-    total_n = 0
-    finite_n = 0
-    nonfinite = 0.0
-    sums = []
-    merged = np.full(RAW_WIDTH, math.nan)
-    zero = sat = 0.0
-    lo = hi = amax = math.nan
-    for raw, count in parts:
-        total_n += count
-        nf = float(raw[_IDX["nonfinite"]]) if count else 0.0
-        nonfinite += nf
-        fn = count - nf
-        if fn <= 0:
-            continue
-        finite_n += fn
-        sums.append((fn, float(raw[_IDX["sum"]]), float(raw[_IDX["dev_norm"]]) ** 2))
-        zero += float(raw[_IDX["zero"]])
-        sat += float(raw[_IDX["saturated"]])
-        lo = np.fmin(lo, raw[_IDX["min"]])
-        hi = np.fmax(hi, raw[_IDX["max"]])
-        amax = np.fmax(amax, raw[_IDX["absmax"]])
-    merged[_IDX["nonfinite"]] = nonfinite
-    if finite_n > 0:
-        mean = sum(s for _, s, _ in sums) / finite_n
-        m2 = sum(m + n * (s / n - mean) ** 2 for n, s, m in sums)
-        merged[_IDX["sum"]] = mean * finite_n
-        merged[_IDX["dev_norm"]] = math.sqrt(m2)
-        merged[_IDX["min"]], merged[_IDX["max"]], merged[_IDX["absmax"]] = lo, hi, amax
-        merged[_IDX["zero"]], merged[_IDX["saturated"]] = zero, sat
-    if dead is not None:
-        merged[_IDX["dead"]] = dead
-    return finalize(merged, total_n, features)
+    merged = merge_host_rows([raw for raw, _ in parts], [count for _, count in parts])
+    merged[_IDX["dead"]] = math.nan if dead is None else dead
+    return finalize(np.asarray(merged), sum(count for _, count in parts), features)
 
 
 class AsyncScalars:

@@ -287,21 +287,28 @@ def _feature_absmax(mag: torch.Tensor, width: int) -> torch.Tensor:
     return per_feature
 
 
-def merge_host_rows(rows: list[list[float]], counts: list[int]) -> list[float]:
-    """Merge raw chunk rows held as host floats (Chan's parallel variance in float64); see _merge_rows."""
-    finite = [n - r[_IDX["nonfinite"]] for r, n in zip(rows, counts, strict=True)]
-    all_finite = sum(finite)
-    total = sum(r[_IDX["sum"]] for r in rows)
-    mean = total / max(all_finite, 1.0)
-    m2 = sum(r[_IDX["dev_norm"]] ** 2 + f * (r[_IDX["sum"]] / max(f, 1.0) - mean) ** 2
-             for r, f in zip(rows, finite, strict=True))
-    has = [r for r, f in zip(rows, finite, strict=True) if f > 0]  # chunks with a finite entry
+def merge_host_rows(rows: list, counts: list[int]) -> list[float]:
+    """Merge raw rows held on the host (chunks of a tensor, or calls of a module) into one, in float64.
+
+    Chan's parallel variance, as :func:`_merge_rows` on the device. Rows without a finite entry (all NaN/Inf,
+    or an empty tensor's NaN row) add their non-finite count and nothing else; the dead count is left NaN
+    for the caller, who knows how the features combine.
+    """
+    nonfinite = sum(float(r[_IDX["nonfinite"]]) for r, n in zip(rows, counts, strict=True) if n)
+    parts = [(n - float(r[_IDX["nonfinite"]]), r) for r, n in zip(rows, counts, strict=True) if n]
+    parts = [(f, r) for f, r in parts if f > 0]  # rows with a finite entry
     nan = math.nan
+    if not parts:
+        return [nonfinite, nan, nan, nan, nan, nan, 0.0, 0.0, nan]
+    finite = sum(f for f, _ in parts)
+    total = sum(float(r[_IDX["sum"]]) for _, r in parts)
+    mean = total / finite
+    m2 = sum(float(r[_IDX["dev_norm"]]) ** 2 + f * (float(r[_IDX["sum"]]) / f - mean) ** 2 for f, r in parts)
     return [
-        float(sum(r[_IDX["nonfinite"]] for r in rows)), total, math.sqrt(m2),
-        min((r[_IDX["min"]] for r in has), default=nan), max((r[_IDX["max"]] for r in has), default=nan),
-        max(r[_IDX["absmax"]] for r in rows), sum(r[_IDX["zero"]] for r in rows),
-        sum(r[_IDX["saturated"]] for r in rows), 0.0,
+        nonfinite, total, math.sqrt(m2),
+        min(float(r[_IDX["min"]]) for _, r in parts), max(float(r[_IDX["max"]]) for _, r in parts),
+        max(float(r[_IDX["absmax"]]) for _, r in parts), sum(float(r[_IDX["zero"]]) for _, r in parts),
+        sum(float(r[_IDX["saturated"]]) for _, r in parts), nan,
     ]
 
 

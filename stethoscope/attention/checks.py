@@ -154,8 +154,12 @@ def pick_sequences(batch: int, limit: int, padding: torch.Tensor | None) -> torc
     return torch.cat([first, rest]).sort().values
 
 
-def select_sequences(call: AttentionCall, probs: torch.Tensor | None, index: torch.Tensor):
-    """(call, probs) restricted to the batch items in ``index``; tensors without that batch dim are shared."""
+def select_sequences(call: AttentionCall, probs: torch.Tensor | None, index: torch.Tensor, *others: Any):
+    """(call, probs, *others) restricted to the batch items in ``index``.
+
+    ``others`` are per-sequence tensors that go with the call (padding, token ids); a tensor without the
+    call's batch dimension (a mask shared by the batch, None) is passed through as it is.
+    """
     b = (probs if probs is not None else call.query).shape[0]
 
     def take(t: Any) -> Any:
@@ -166,7 +170,7 @@ def select_sequences(call: AttentionCall, probs: torch.Tensor | None, index: tor
     part = AttentionCall(**{**call.__dict__, "query": take(call.query), "key": take(call.key),
                             "value": None, "mask": take(call.mask), "position_bias": take(call.position_bias),
                             "weights": None})
-    return part, take(probs)
+    return part, take(probs), *(take(t) for t in others)
 
 
 def _chunks(call: AttentionCall, probs: torch.Tensor | None):

@@ -221,13 +221,9 @@ class AttentionExtension(Extension):
             return
         padding, ids = self._padding, self._input_ids
         batch = (probs if probs is not None else call.query).shape[0]
-        index = pick_sequences(batch, mon.config.attention.max_sequences,
-                               padding if padding is not None and padding.shape[0] == batch else None)
+        index = pick_sequences(batch, mon.config.attention.max_sequences, padding)
         if index is not None:  # a bounded share of the batch: the cost stays flat as batches grow
-            call, probs = select_sequences(call, probs, index)
-            padding = padding.index_select(0, index.to(padding.device)) \
-                if padding is not None and padding.shape[0] == batch else padding
-            ids = ids.index_select(0, index.to(ids.device)) if ids is not None and ids.shape[0] == batch else ids
+            call, probs, padding, ids = select_sequences(call, probs, index, padding, ids)
         row = head_statistics(call, probs, padding, ids)
         heads = (row.numel() - TAIL) // WIDTH
         self.methods[call.name] = method
