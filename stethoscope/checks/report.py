@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from stethoscope.report.model import Section, Table
+from stethoscope.report.registry import register_section
+from stethoscope.run import Run
 
 
-def preflight_section(run: Any) -> Any:
+@register_section("preflight", order=20)
+def preflight_section(run: Run) -> Section | None:
     """A Section listing the preflight findings (``step: null``), or None when the run has none."""
-    from stethoscope.report.content import Section, Table
-
     found = [f for f in run.findings if f.code.startswith("preflight.")]
     if not found:
         return None

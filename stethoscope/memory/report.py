@@ -2,14 +2,31 @@
 
 Built from the ``kind: "memory"`` rows the memory extension writes and the ``marker`` rows of ``mon.epoch``;
 a ``memory.leak`` / ``memory.oom`` finding adds a note with its step, so "OOM right after the epoch
-transition" (the HF field note's M-003) reads straight off the figure.
+transition" (the HF field note's M-003) reads straight off the figure. Memory rows in another format (a
+memory monitor of one's own) are shown column by column.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
+
+from stethoscope.report.model import (
+    MAX_LINES,
+    TOP_N,
+    Plot,
+    Section,
+    Table,
+    epoch_lines,
+    fmt,
+    numeric_steps,
+    thin,
+)
+from stethoscope.report.registry import register_section
+from stethoscope.run import Run
 
 _SERIES = (  # (column, label suffix)
     ("rss_bytes", "RSS"),
@@ -20,22 +37,21 @@ _SERIES = (  # (column, label suffix)
 )
 
 
-def memory_section(run: Any) -> Any:
-    """The memory Section, or None when the run has no memory rows in the extension's format."""
-    from stethoscope.report.content import (
-        MAX_LINES,
-        Plot,
-        Section,
-        Table,
-        _numeric_steps,
-        fmt,
-        thin,
-    )
+@register_section("memory", order=80)
+def memory(run: Run) -> Section | None:
+    """The memory extension's section (docs/memory.md), else the rows' numeric columns, else None."""
+    section = memory_section(run)
+    if section is not None:
+        return section
+    return _any_memory_section(run)
 
+
+def memory_section(run: Run) -> Section | None:
+    """The memory Section, or None when the run has no memory rows in the extension's format."""
     mem = run.metrics_of("memory")
     if mem.empty or not any(col in mem for col, _ in _SERIES):
         return None
-    mem = _numeric_steps(mem)
+    mem = numeric_steps(mem)
     series = []
     rows = []
     for name, part in mem.groupby(mem["name"].fillna(""), sort=False):
@@ -54,13 +70,7 @@ def memory_section(run: Any) -> Any:
                          fmt(float(ys[-1])), fmt(float(ys[-1] - ys[0]))])
     if not series:
         return None
-    vlines = []
-    markers = run.metrics_of("marker")
-    if not markers.empty and "value" in markers:
-        first = int(mem["step"].min())
-        for _, r in markers[markers["name"] == "epoch"].iterrows():
-            known = r["step"] is not None and r["step"] == r["step"]  # None / NaN: marked before any step
-            vlines.append((int(r["step"]) if known else first, f"epoch {fmt(r['value'])}"))
+    vlines = epoch_lines(run, first_step=int(mem["step"].min()))  # unstepped markers: at the first step
     section = Section(
         "memory",
         "Memory",
@@ -82,4 +92,71 @@ def memory_section(run: Any) -> Any:
         if f.code in ("memory.leak", "memory.oom"):
             where = "preflight" if f.first_step is None else f"step {f.first_step}"
             section.notes.append(f"{f.code} ({f.severity}) at {where}: {f.message}")
+    return section
+
+
+_MEMORY_SKIP = {"schema_version", "step", "kind", "name", "rank", "calls"}
+
+
+def _any_memory_section(run: Run) -> Section | None:
+    """Memory rows in any other format: every numeric column over the steps, bytes in MiB."""
+    mem = run.metrics_of("memory")
+    if mem.empty:
+        return None
+    mem = numeric_steps(mem)
+    series_by_unit: dict[str, list] = {}
+    cols = [c for c in mem.columns if c not in _MEMORY_SKIP and pd.api.types.is_numeric_dtype(mem[c])]
+    for name, part in mem.groupby(mem["name"].fillna(""), sort=False):
+        part = part.sort_values("step")
+        for col in cols:
+            values = part[col].astype(float)
+            if values.notna().sum() == 0:
+                continue
+            label = col if col == "value" or not name else f"{name} {col}"
+            if col == "value":
+                label = name or "value"
+            ys = values.to_numpy()
+            xs = part["step"].to_numpy()
+            bytes_like = "byte" in col.lower() or "byte" in str(name).lower() or np.nanmax(np.abs(ys)) > 1e7
+            if bytes_like and not any(
+                u in col.lower() for u in ("mb", "mib", "gb", "gib", "frac", "percent")
+            ):
+                ys, unit = ys / 2**20, "MiB"
+            elif "frac" in col.lower() or "percent" in col.lower():
+                unit = "fraction" if "frac" in col.lower() else "%"
+            else:
+                unit = next((u for u in ("MiB", "MB", "GiB", "GB") if u.lower() in col.lower()), "value")
+            keep = thin(xs)
+            series_by_unit.setdefault(unit, []).append((label, xs[keep], ys[keep]))
+    if not series_by_unit:
+        return None
+    section = Section(
+        "memory",
+        "Memory",
+        "Memory at each step as the memory monitor recorded it; a line that "
+        "climbs step after step is a leak (tensors kept alive across steps).",
+    )
+    panels = [
+        Plot(f"memory-{i}", unit, "lines", {"series": s[:MAX_LINES], "xlabel": "step", "ylabel": unit})
+        for i, (unit, s) in enumerate(series_by_unit.items())
+    ]
+    section.plots.append(Plot("memory", "Memory over steps", "panels", {}, panels=panels[:3]))
+    last_step = mem["step"].max()
+    last = mem[mem["step"] == last_step]
+
+    def cell(col: str, value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "—"
+        if "byte" in col.lower() or (isinstance(value, int | float) and abs(value) > 1e7):
+            return f"{value / 2**20:,.1f} MiB"
+        return fmt(value)
+
+    section.tables.append(
+        Table(
+            ["name", *cols[:6]],
+            [[str(r["name"]), *[cell(c, r[c]) for c in cols[:6]]] for _, r in last.head(TOP_N).iterrows()],
+            caption=f"Memory at step {last_step}",
+            code_columns=(0,),
+        )
+    )
     return section

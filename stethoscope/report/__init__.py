@@ -1,9 +1,11 @@
 """The run report: ``report.html`` (one self-contained page) and ``report.md`` (its Markdown twin).
 
-``write_report(run_dir)`` writes both, from one model of the report's content (:mod:`.content`) that the
-console summary shares (:mod:`.summary`): the verdict, the run's facts, the findings most severe first with
-their hints, and a section per kind of data the run recorded — training curves, gradients, activations,
-update ratios, attention, memory, timing, hang and crash dumps — each only when its data exists.
+``write_report(run_dir)`` writes both, from one model of the report's content (:mod:`.model`, built by
+:mod:`.content`) that the console summary shares (:mod:`.summary`): the verdict, the run's facts, the findings
+most severe first with their hints, and a section per kind of data the run recorded — training curves,
+gradients, activations, update ratios, attention, memory, timing, hang and crash dumps, preflight checks —
+each only when its data exists. Each section is a small module registered with
+:func:`~stethoscope.report.registry.register_section` (:mod:`.registry`).
 
 Example:
     >>> from stethoscope.report import write_report
@@ -15,16 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stethoscope.report.content import (
-    VERDICT_WORDS,
-    ReportContent,
-    build,
-    fmt,
-    layer_group,
-    when,
-)
+from stethoscope.report.content import VERDICT_WORDS, build
 from stethoscope.report.html import render_html
 from stethoscope.report.markdown import FILES_DIR, image_name, render_markdown_content
+from stethoscope.report.model import ReportContent, layer_group
 from stethoscope.report.plots import Image, render_all
 from stethoscope.report.summary import findings_table, print_summary
 from stethoscope.run import Run, load_run
@@ -40,11 +36,6 @@ __all__ = [
     "render_markdown",
     "write_report",
 ]
-
-# names the earlier single-module report exported
-_fmt = fmt
-_when = when
-_VERDICT_WORDS = VERDICT_WORDS
 
 
 def render_markdown(run: Run) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from stethoscope.report.content import Plot, ReportContent, Section, Table
+from stethoscope.report.model import Plot, ReportContent, Section, Table
 from stethoscope.report.plots import Image
 
 _CSS = """

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stethoscope.report.content import Plot, ReportContent, Section, Table
+from stethoscope.report.model import Plot, ReportContent, Section, Table
 from stethoscope.report.plots import Image
 
 FILES_DIR = "report_files"

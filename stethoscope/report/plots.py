@@ -1,4 +1,4 @@
-"""Drawing the report's plots: :class:`~stethoscope.report.content.Plot` data in, PNG bytes out.
+"""Drawing the report's plots: :class:`~stethoscope.report.model.Plot` data in, PNG bytes out.
 
 matplotlib with the Agg backend, through ``matplotlib.figure.Figure`` (no pyplot, no global state, no
 display needed). Figures are small and at a modest resolution so that a page with a dozen of them stays well
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stethoscope.report.content import Plot
+from stethoscope.report.model import Plot
 
 DPI = 96
 WIDTH = 10.0  # inches; the HTML page shows figures at up to 100 % of an ~ 1000 px column

@@ -1,0 +1,305 @@
+"""The report's data model and the helpers its sections share: a leaf module, importing no other part of the
+report and no feature package.
+
+A :class:`Section` holds :class:`Plot` (data plus a kind, not a matplotlib object), :class:`Table` and
+:class:`Link`; a :class:`ReportContent` holds the verdict, the run's facts, the :class:`FindingRow` list and the
+sections. The HTML page, the Markdown twin and the console summary all render this one model.
+
+A huge model stays readable: tables keep the top :data:`TOP_N` rows, names are grouped by block
+(:func:`layer_group`), heatmaps merge neighbouring blocks past :data:`MAX_ROWS` rows, line plots past
+:data:`MAX_LINES` lines, and step series are thinned to at most :data:`MAX_POINTS` points.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stethoscope._format import format_percent, format_value
+
+TOP_N = 15  # rows in any table
+MAX_ROWS = 48  # rows in a heatmap (blocks merged beyond)
+MAX_LINES = 48  # lines in a line plot (blocks merged beyond)
+MAX_COLS = 160  # step columns in a heatmap (steps binned beyond)
+MAX_POINTS = 1500  # points of one step series
+MAX_IMAGES = 12  # captured attention pictures embedded (the rest linked)
+DUMP_LINES = 40  # lines of a hang/crash dump shown inline
+
+# Names under which models keep their repeated blocks: ``transformer.h.3``, ``model.layers.3``,
+# ``encoder.layer.3``, ``blocks.3``, ...
+CONTAINERS = frozenset(
+    {
+        "h",
+        "layers",
+        "layer",
+        "blocks",
+        "block",
+        "encoder_layers",
+        "decoder_layers",
+        "resblocks",
+        "stages",
+        "stage",
+        "levels",
+        "transformer_blocks",
+        "decoder",
+        "encoder",
+    }
+)
+_PARAM_LEAVES = frozenset({"weight", "bias", "in_proj_weight", "in_proj_bias", "out_proj_weight"})
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+@dataclass
+class Plot:
+    """A figure as data. ``kind``: ``lines``, ``heatmap``, ``bars`` or ``image`` (a PNG file to embed).
+
+    ``data`` by kind — lines: ``series`` [(label, xs, ys)], ``xlabel``, ``ylabel``, ``logy``, ``hlines``
+    [(y, label)], ``vlines`` [(x, label)], ``colorbar`` (label: colour lines by depth instead of a legend);
+    heatmap: ``matrix`` (rows × cols, NaN = no data), ``rows``, ``cols``, ``xlabel``, ``cbar``, ``vmin``,
+    ``vmax``, ``cmap``; bars: ``labels``, ``values``, ``xlabel``; image: ``path``.
+    """
+
+    id: str
+    title: str
+    kind: str
+    data: dict
+    caption: str = ""
+    panels: list[Plot] = field(default_factory=list)  # side-by-side sub-plots drawn as one figure
+
+
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+    note: str = ""  # e.g. "top 15 of 3,012 parameters"
+    code_columns: tuple[int, ...] = ()  # columns holding names (monospace)
+
+
+@dataclass
+class Link:
+    label: str
+    path: str  # relative to the run directory
+    excerpt: str = ""  # first lines, shown inline
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    intro: str = ""
+    plots: list[Plot] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FindingRow:
+    severity: str
+    code: str
+    target: str
+    value: str
+    threshold: str
+    started: str
+    cleared: str
+    when: str
+    message: str
+    hint: str
+
+
+@dataclass
+class ReportContent:
+    title: str
+    verdict: str  # healthy | warning | critical
+    verdict_words: str
+    counts: dict[str, int]
+    facts: list[tuple[str, str]]  # the run table
+    findings: list[FindingRow]
+    sections: list[Section]
+
+    @property
+    def counts_text(self) -> str:
+        c = self.counts
+        return f"{c.get('critical', 0)} critical, {c.get('warning', 0)} warning, {c.get('info', 0)} info"
+
+    @property
+    def verdict_line(self) -> str:
+        return f"{self.verdict_words} ({self.counts_text})"
+
+    def plots(self) -> list[Plot]:
+        return [p for s in self.sections for p in s.plots]
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+def fmt(value: Any) -> str:
+    """A number as a person reads it in a table: 4 significant digits, scientific when tiny or huge."""
+    return format_value(value, 4)
+
+
+def pct(value: Any) -> str:
+    """A fraction in [0, 1] as a percentage."""
+    return format_percent(value)
+
+
+def cell(value: Any) -> str:
+    """A table cell where NaN means "not logged at that step"."""
+    return "—" if isinstance(value, float) and math.isnan(value) else fmt(value)
+
+
+def top_note(shown: int, total: int, what: str) -> str:
+    """``top 15 of 3,012 parameters`` when a table was cut, else empty."""
+    return f"top {shown} of {total:,} {what}" if total > shown else ""
+
+
+def spread(items: list, n: int) -> list:
+    """At most ``n`` items spread evenly over ``items`` (the first and last kept)."""
+    if len(items) <= n:
+        return items
+    idx = sorted({round(i * (len(items) - 1) / (n - 1)) for i in range(n)})
+    return [items[i] for i in idx]
+
+
+def thin(xs: np.ndarray, limit: int = MAX_POINTS) -> np.ndarray:
+    """Indices of at most ``limit`` points spread evenly over a series (the first and last kept)."""
+    n = len(xs)
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+
+# -------------------------------------------------------------------------------------------- grouping
+
+
+def layer_group(name: str) -> str:
+    """The block a module or parameter name belongs to, for grouping a big model by layer.
+
+    The prefix up to the first integer component that follows a known container name (``h``, ``layers``,
+    ``layer``, ``blocks``, ...); otherwise the first two components. A parameter's own leaf (``weight``,
+    ``bias``) is dropped first, so a parameter lands in its module's block.
+
+    >>> layer_group("transformer.h.3.attn.c_attn.weight"), layer_group("model.layers.12.mlp")
+    ('transformer.h.3', 'model.layers.12')
+    >>> layer_group("encoder.layer.0.attention.self.query.bias"), layer_group("lm_head.weight")
+    ('encoder.layer.0', 'lm_head')
+    """
+    if not name:
+        return "<model>"
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] in _PARAM_LEAVES:
+        parts = parts[:-1]
+    for i in range(1, len(parts)):
+        if parts[i].isdigit() and parts[i - 1] in CONTAINERS:
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:2])
+
+
+def first_seen(names: Iterable[str]) -> list[str]:
+    """Unique names in first-seen order (the model's own order, as the metrics were written)."""
+    return list(dict.fromkeys(names))
+
+
+def merge_groups(groups: list[str], limit: int) -> dict[str, str]:
+    """Map each group to a row label; past ``limit`` groups, neighbours are merged (``h.0 … h.3``)."""
+    if len(groups) <= limit:
+        return {g: g for g in groups}
+    size = math.ceil(len(groups) / limit)
+    out = {}
+    for i in range(0, len(groups), size):
+        chunk = groups[i : i + size]
+        label = chunk[0] if len(chunk) == 1 else f"{chunk[0]} … {_short_tail(chunk[0], chunk[-1])}"
+        for g in chunk:
+            out[g] = label
+    return out
+
+
+def _short_tail(first: str, last: str) -> str:
+    """``transformer.h.0`` … ``transformer.h.3`` is shown as ``transformer.h.0 … 3``."""
+    a, b = first.split("."), last.split(".")
+    if len(a) == len(b) and a[:-1] == b[:-1]:
+        return b[-1]
+    return last
+
+
+# ------------------------------------------------------------------------------------------ step frames
+
+
+def numeric_steps(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that have a step, with the step as an int."""
+    df = df[df["step"].notna()].copy()
+    df["step"] = df["step"].astype(int)
+    return df
+
+
+def group_frame(df: pd.DataFrame, limit: int) -> tuple[pd.DataFrame, list[str]]:
+    """Add a ``group`` column (block, merged past ``limit``); return the frame and the groups in order."""
+    groups = first_seen(layer_group(n) for n in df["name"])
+    # a small model reads better per module / parameter than per block
+    names = first_seen(df["name"])
+    if len(names) <= min(limit, 24):
+        mapping = {n: n or "<model>" for n in names}
+        df = df.assign(group=df["name"].map(mapping))
+        return df, first_seen(mapping.values())
+    merged = merge_groups(groups, limit)
+    df = df.assign(group=df["name"].map(lambda n: merged[layer_group(n)]))
+    return df, first_seen(merged.values())
+
+
+def step_matrix(df: pd.DataFrame, column: str, rows: list[str], how: str = "max") -> tuple[np.ndarray, list]:
+    """rows × steps matrix of ``column`` aggregated per (group, step); steps binned past MAX_COLS."""
+    pivot = df.pivot_table(index="group", columns="step", values=column, aggfunc=how)
+    pivot = pivot.reindex(index=rows)
+    steps = list(pivot.columns)
+    matrix = pivot.to_numpy(dtype=float)
+    if len(steps) > MAX_COLS:
+        edges = np.linspace(0, len(steps), MAX_COLS + 1).round().astype(int)
+        cols = []
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for a, b in itertools.pairwise(edges):
+                block = matrix[:, a:b]
+                cols.append(np.nanmax(block, axis=1) if how == "max" else np.nanmean(block, axis=1))
+        matrix = np.stack(cols, axis=1)
+        steps = [steps[a] for a in edges[:-1]]
+    return matrix, steps
+
+
+def group_lines(df: pd.DataFrame, column: str, groups: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """One thinned (label, steps, values) series of ``column`` per group, in the order of ``groups``."""
+    series = []
+    for g, part in df.groupby("group", sort=False):
+        part = part.dropna(subset=[column]).sort_values("step")
+        if part.empty:
+            continue
+        xs, ys = part["step"].to_numpy(), part[column].to_numpy(dtype=float)
+        keep = thin(xs)
+        series.append((str(g), xs[keep], ys[keep]))
+    order = {g: i for i, g in enumerate(groups)}
+    return sorted(series, key=lambda s: order.get(s[0], 1 << 30))
+
+
+def epoch_lines(run: Any, first_step: int | None = None) -> list[tuple[int, str]]:
+    """(step, ``epoch N``) of each ``mon.epoch`` marker; a marker without a step lands on ``first_step``
+    (None: such markers are left out)."""
+    markers = run.metrics_of("marker")
+    out: list[tuple[int, str]] = []
+    if markers.empty or "value" not in markers:
+        return out
+    for _, r in markers[markers["name"] == "epoch"].iterrows():
+        known = r["step"] is not None and r["step"] == r["step"]  # None / NaN: marked before any step
+        if known:
+            out.append((int(r["step"]), f"epoch {fmt(r['value'])}"))
+        elif first_step is not None:
+            out.append((first_step, f"epoch {fmt(r['value'])}"))
+    return out
