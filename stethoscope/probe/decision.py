@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from stethoscope._format import format_fixed
 from stethoscope.probe.config import DecisionConfig
 
 VERDICTS = {
@@ -50,7 +51,7 @@ def _nan(x) -> bool:
 
 
 def _fmt(x) -> str:
-    return "n/a" if _nan(x) else f"{x:.2f}"
+    return format_fixed(x, 2)
 
 
 def row_status(row: dict, cfg: DecisionConfig) -> str:

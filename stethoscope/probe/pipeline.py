@@ -24,6 +24,7 @@ import numpy as np
 from stethoscope.console import get_console
 from stethoscope.probe.config import PipelineConfig, RepresentationConfig, load_config, settings_hash
 from stethoscope.probe.errors import ProbeDataError, ProbeStageError
+from stethoscope.probe.fingerprint import config_fingerprint  # noqa: F401  (importable from here too)
 from stethoscope.probe.manifest import Manifest, load_audio, load_manifest
 
 SCHEMA_VERSION = 1
@@ -415,8 +416,3 @@ def run_all(config, adapters: dict | None = None, progress: bool = True) -> Path
     run_features(cfg, adapters=adapters, progress=progress)
     run_fit(cfg, progress=progress)
     return run_report(cfg)
-
-
-def config_fingerprint(cfg: PipelineConfig) -> str:
-    """Short hash of the config, printed in the report so two reports can be told apart."""
-    return settings_hash(cfg.model_dump(mode="json", exclude={"output_dir"}))
