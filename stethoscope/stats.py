@@ -71,8 +71,6 @@ STAT_COLUMNS = (
     "features",
 )
 
-_FMAX = float(torch.finfo(torch.float32).max)
-
 
 def is_summarisable(t: object) -> bool:
     """True for floating and complex tensors with data (the ones that get statistics; 'meta' has none)."""
