@@ -68,6 +68,10 @@ class StepCollector:
         entry.parts = 1 + len(more)
         self.entries.append(entry)
 
+    def clear(self) -> None:
+        """Drop every queued row (the monitor let go of the model: nothing queued may keep a tensor)."""
+        self.entries, self._rows, self._features, self._mismatched = [], [], {}, set()
+
     def add_feature_absmax(self, key: tuple, per_feature: torch.Tensor) -> None:
         """Merge a call's per-feature max |x| into the step's running max for ``key``."""
         if key in self._mismatched:

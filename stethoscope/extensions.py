@@ -5,9 +5,11 @@ distributed bookkeeping all need the same few moments of a run — a step begins
 an exception), a step's record is flushed, the run closes — so they share one small protocol instead of
 each adding code paths to :class:`~stethoscope.monitor.Monitor`.
 
-An extension module exposes ``extension(monitor) -> Extension | None``; it returns ``None`` when the
-config switches it off (so a disabled feature costs nothing). The monitor calls every method through its
-error guard: an extension that fails is reported as ``monitor.error`` and never breaks the training.
+An extension module exposes ``extension(run) -> Extension | None``, where ``run`` is the monitor's
+:class:`~stethoscope.monitor.context.RunContext` — the only way an extension reaches the monitor (config,
+model, guard, hooks, the step collector, metrics rows, findings). It returns ``None`` when the config
+switches it off (so a disabled feature costs nothing). The monitor calls every method through its error
+guard: an extension that fails is reported as ``monitor.error`` and never breaks the training.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ class Extension:
         return None
 
 
-def build_extensions(monitor: Any, modules: tuple[str, ...] | None = None) -> list[Extension]:
-    """Import each extension module (default: :data:`BUILTIN_EXTENSIONS`) and build its extension for
-    ``monitor``; ``None`` results are dropped."""
+def build_extensions(run: Any, modules: tuple[str, ...] | None = None) -> list[Extension]:
+    """Import each extension module (default: :data:`BUILTIN_EXTENSIONS`) and build its extension over
+    ``run`` (a :class:`~stethoscope.monitor.context.RunContext`); ``None`` results are dropped."""
     out: list[Extension] = []
     for path in BUILTIN_EXTENSIONS if modules is None else modules:
         try:
@@ -70,15 +72,15 @@ def build_extensions(monitor: Any, modules: tuple[str, ...] | None = None) -> li
         except ModuleNotFoundError as exc:
             if exc.name is not None and path.startswith(exc.name):
                 continue  # the feature's module is not there (optional extra, or not built yet)
-            monitor._record_error(f"extension {path} (import)", exc)
+            run.record_error(f"extension {path} (import)", exc)
             continue
         except Exception as exc:
-            monitor._record_error(f"extension {path} (import)", exc)
+            run.record_error(f"extension {path} (import)", exc)
             continue
         try:
-            ext = module.extension(monitor)
+            ext = module.extension(run)
         except Exception as exc:
-            monitor._record_error(f"extension {path} (setup)", exc)
+            run.record_error(f"extension {path} (setup)", exc)
             continue
         if ext is not None:
             out.append(ext)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stethoscope.naming import clean_name
+from stethoscope.hooks import HookSet, walk_modules
 from stethoscope.rundir import SCHEMA_VERSION
 
 PROFILE = "profile.json"
@@ -212,23 +212,16 @@ class Trace:
         self.events = 0
         self._stack: list[Call] = []
         self._calls: dict[str, int] = defaultdict(int)
-        self._handles: list[Any] = []
+        self._hooks = HookSet("trace")
         self._file: Any = None
         self._t0 = 0.0
         self.params: dict[str, int] = {}
 
     def __enter__(self) -> Trace:
-        seen: set[str] = set()
-        for raw, module in self.model.named_modules():
-            name = clean_name(raw)
-            if name in seen:
-                continue
-            seen.add(name)
+        for name, module in walk_modules(self.model):
             self.params[name] = sum(p.numel() for p in module.parameters())
-            self._handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-            self._handles.append(
-                module.register_forward_hook(self._post(name), with_kwargs=True, always_call=True)
-            )
+        self._hooks.on_modules(self.model, lambda name, _m: self._pre(name), lambda name, _m: self._post(name),
+                               with_kwargs=True, always_call=True)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.path.open("w", encoding="utf-8")
@@ -239,10 +232,7 @@ class Trace:
         self.close()
 
     def close(self) -> None:
-        for h in self._handles:
-            with contextlib.suppress(Exception):
-                h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from stethoscope.hooks import is_compiling
+
 PREFIX = "stethoscope_"
 # Implementations that are wrapped: the ones whose kernels are plain (eager, SDPA) or user-registered.
 # Flash and flex kernels read the implementation name in several places of transformers (padding-free
@@ -81,11 +83,6 @@ class AttentionCall:
 Listener = Callable[[AttentionCall], None]
 
 
-def _is_compiling() -> bool:
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
 # ---------------------------------------------------------------------- Hugging Face
 # module -> [(capture, name)]: the captures watching it (a monitor and a step-by-step run may overlap)
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -125,7 +122,7 @@ def _wrapper(implementation: str) -> Callable:
             raise RuntimeError(f"stethoscope: no original attention function for {implementation!r}")
         out = fn(module, query, key, value, attention_mask, *args, **kwargs)
         watchers = _WATCHED.get(module)
-        if watchers and not _is_compiling():
+        if watchers and not is_compiling():
             call = None
             for capture, name in list(watchers):
                 if call is None:

@@ -36,6 +36,7 @@ from stethoscope.attention.rules import RULES, ModuleAttention, RowSum, Sink
 from stethoscope.collector import Entry
 from stethoscope.config import patterns
 from stethoscope.extensions import Extension
+from stethoscope.hooks import is_compiling
 from stethoscope.naming import clean_name, make_filter
 from stethoscope.rundir import SCHEMA_VERSION
 
@@ -45,14 +46,14 @@ _METRIC_KEYS = (
 )
 
 
-def extension(monitor: Any) -> AttentionExtension | None:
-    cfg = monitor.config.attention
+def extension(run: Any) -> AttentionExtension | None:
+    cfg = run.config.attention
     if cfg.capture == "off":
         return None
-    model = monitor._model_ref()
+    model = run.model
     if model is None:
         return None
-    ext = AttentionExtension(monitor, model)
+    ext = AttentionExtension(run, model)
     return ext if ext.watching else None
 
 
@@ -69,14 +70,14 @@ class AttentionExtension(Extension):
 
     name = "attention"
 
-    def __init__(self, monitor: Any, model: nn.Module):
-        self._mon = weakref.ref(monitor)
-        cfg = monitor.config.attention
+    def __init__(self, run: Any, model: nn.Module):
+        self._run = run
+        cfg = run.config.attention
         self.mode = cfg.capture
         self.methods: dict[str, str] = {}
         self.implementations: dict[str, str] = {}
         self.tokenizer: Any = None
-        self._handles: list[Any] = []
+        self._hooks = run.hooks("attention")
         self._keep: list[tuple[weakref.ref, bool]] = []  # modules with keep_attn, and the user's own setting
         self._hf: cap.HFCapture | None = None
         self._sampled = False
@@ -93,6 +94,7 @@ class AttentionExtension(Extension):
             self.implementations = dict(self._hf.implementations)
             if self._hf.active:
                 self._hf.listeners.append(self._on_call)
+                self._hooks.add(self._hf)  # the patched attention functions go back with the hooks
             else:
                 self._hf.remove()
                 self._hf = None
@@ -101,35 +103,33 @@ class AttentionExtension(Extension):
 
             for module in names:
                 if isinstance(module, PreTrainedModel):
-                    self._handles.append(
-                        module.register_forward_pre_hook(self._inputs_hook, with_kwargs=True)
-                    )
+                    self._hooks.forward_pre(module, self._inputs_hook, with_kwargs=True)
         listed = make_filter(patterns(cfg.modules))
         module_hooks = 0
         for module, name in names.items():
             if cap.keeps_weights(module):
                 self._keep.append((weakref.ref(module), bool(module.keep_attn)))
-                self._handles.append(module.register_forward_hook(self._make_module_hook(name, kept=True)))
+                self._hooks.forward(module, self._make_module_hook(name, kept=True))
                 module_hooks += 1
             elif (isinstance(module, nn.MultiheadAttention) or (name and listed(name))) and \
                     not cap._looks_like_hf_attention(module):
-                self._handles.append(module.register_forward_hook(self._make_module_hook(name, kept=False)))
+                self._hooks.forward(module, self._make_module_hook(name, kept=False))
                 module_hooks += 1
         self.watching = self._hf is not None or module_hooks > 0
         if not self.watching:
             self.detach()
             return
-        self._rules = self._build_rules(monitor, cfg)
+        self._rules = self._build_rules(run, cfg)
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
-    def _build_rules(monitor: Any, cfg: Any) -> list:
+    def _build_rules(run: Any, cfg: Any) -> list:
         from stethoscope.rules.base import RuleContext
 
-        ctx = next((r.ctx for r in getattr(monitor, "_rules", []) if hasattr(r, "ctx")), None)
+        ctx = next((r.ctx for r in run.rules if hasattr(r, "ctx")), None)
         if ctx is None:
-            ctx = RuleContext.from_monitor(monitor)
-        section = getattr(monitor.config, "rules", None)
+            ctx = RuleContext.from_run(run)
+        section = getattr(run.config, "rules", None)
         enabled = make_filter(patterns(getattr(section, "enabled", "*")))
         disabled = make_filter(patterns(getattr(section, "disabled", "")))
         rules = []
@@ -145,8 +145,7 @@ class AttentionExtension(Extension):
         return rules
 
     def _inputs_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mon = self._mon()
-        if mon is None or not mon._sampling_now or cap._is_compiling():
+        if not self._run.sampling or is_compiling():
             return None
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
@@ -161,10 +160,10 @@ class AttentionExtension(Extension):
 
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             ext = ref()
-            if ext is None or not ext._sampled or cap._is_compiling():
+            if ext is None or not ext._sampled or is_compiling():
                 return None
-            mon = ext._mon()
-            if mon is None or not mon._sampling_now:
+            run = ext._run
+            if not run.sampling:
                 return None
             if kept:
                 weights = getattr(module, "last_attn", None)
@@ -178,7 +177,7 @@ class AttentionExtension(Extension):
                     return None
             call = cap.AttentionCall(name=name, module=module, weights=weights, causal=cap.module_causal(module),
                                      implementation="module")
-            mon._guard(f"attention capture of {name or '<model>'}", ext._measure, call)
+            run.guard(f"attention capture of {name or '<model>'}", ext._measure, call)
             return None
 
         return hook
@@ -206,22 +205,18 @@ class AttentionExtension(Extension):
                 module.keep_attn = user_keep
 
     def _on_call(self, call: cap.AttentionCall) -> None:
-        mon = self._mon()
-        if mon is None or not mon._sampling_now:
+        if not self._run.sampling:
             return
-        mon._guard(f"attention capture of {call.name or '<model>'}", self._measure, call)
+        self._run.guard(f"attention capture of {call.name or '<model>'}", self._measure, call)
 
     def _measure(self, call: cap.AttentionCall) -> None:
         """Probabilities by the configured method, then the per-head row onto the step's collector."""
-        mon = self._mon()
-        if mon is None:
-            return
         probs, method = self._probabilities(call)
         if probs is None and call.query is None:
             return
         padding, ids = self._padding, self._input_ids
         batch = (probs if probs is not None else call.query).shape[0]
-        index = pick_sequences(batch, mon.config.attention.max_sequences, padding)
+        index = pick_sequences(batch, self._run.config.attention.max_sequences, padding)
         if index is not None:  # a bounded share of the batch: the cost stays flat as batches grow
             call, probs, padding, ids = select_sequences(call, probs, index, padding, ids)
         row = head_statistics(call, probs, padding, ids)
@@ -229,7 +224,7 @@ class AttentionExtension(Extension):
         self.methods[call.name] = method
         self._causal[call.name] = call.causal
         self._heads[call.name] = heads
-        mon._collector.add(
+        self._run.queue(
             Entry("attn", call.name, "", 0, heads, extra={"heads": heads, "method": method, "causal": call.causal}),
             row,
         )
@@ -299,10 +294,9 @@ class AttentionExtension(Extension):
             rule.check_modules(record.step, modules)
 
     def _write(self, step: int | None, modules: list[ModuleAttention]) -> None:
-        mon = self._mon()
-        if mon is None or getattr(mon, "_metrics_capped", False):
+        run = self._run
+        if run.metrics_capped:
             return
-        w = mon._metrics
         for m in modules:
             for h in m.heads:
                 row = {"schema_version": SCHEMA_VERSION, "step": step, "kind": "attn", "name": m.name,
@@ -310,8 +304,8 @@ class AttentionExtension(Extension):
                 for key in _METRIC_KEYS:
                     v = h[key]
                     row[key] = None if isinstance(v, float) and math.isnan(v) else v
-                w.write(row)
-        w.flush()
+                run.write_metrics(row)
+        run.flush_metrics()
 
     # ------------------------------------------------------------------ lifecycle
     def state_dict(self) -> dict:
@@ -324,13 +318,8 @@ class AttentionExtension(Extension):
         return None
 
     def detach(self) -> None:
-        for handle in self._handles:
-            with contextlib.suppress(Exception):
-                handle.remove()
-        self._handles = []
-        if self._hf is not None:
-            self._hf.remove()
-            self._hf = None
+        self._hooks.remove()
+        self._hf = None
         for ref, user_keep in self._keep:
             module = ref()
             if module is not None:

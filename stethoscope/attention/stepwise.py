@@ -20,6 +20,7 @@ under ``no_grad``; the model's attention implementation is restored afterwards.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -35,6 +36,7 @@ from stethoscope.attention import capture as cap
 from stethoscope.attention.checks import masked_scores, repeat_kv, scores
 from stethoscope.attention.perturb import CausalityCheck, check_causality, main_output, model_forward
 from stethoscope.errors import StethoscopeError
+from stethoscope.hooks import HookSet
 from stethoscope.naming import clean_name
 
 LOG = "step-by-step.log"
@@ -146,20 +148,18 @@ class _Recorder:
         self.calls.append(kept)
 
 
-def _nano_hooks(model: nn.Module, names: dict[nn.Module, str], recorder: _Recorder) -> tuple[list, list]:
+def _nano_hooks(names: dict[nn.Module, str], recorder: _Recorder, hooks: HookSet) -> None:
     """Hooks for modules that keep their weights; nanoGPT-style ones (``c_attn``, ``n_head``) also give Q/K/V."""
-    handles, restore = [], []
     for module, name in names.items():
         if not cap.keeps_weights(module):
             continue
-        restore.append((module, module.keep_attn))
+        hooks.on_remove(functools.partial(_restore_keep, module, module.keep_attn))
         module.keep_attn = True
         box: dict = {}
         c_attn = getattr(module, "c_attn", None)
         n_head = getattr(module, "n_head", None)
         if isinstance(c_attn, nn.Module) and isinstance(n_head, int):
-            handles.append(c_attn.register_forward_hook(
-                lambda _m, _a, out, box=box: box.__setitem__("qkv", out.detach())))
+            hooks.forward(c_attn, lambda _m, _a, out, box=box: box.__setitem__("qkv", out.detach()))
 
         def after(mod: nn.Module, args: tuple, output: Any, name=name, box=box, n_head=n_head) -> None:
             weights = getattr(mod, "last_attn", None)
@@ -178,8 +178,13 @@ def _nano_hooks(model: nn.Module, names: dict[nn.Module, str], recorder: _Record
                 call.scaling = 1.0 / (math.sqrt(hs) * temperature) if temperature else float("inf")
             recorder(call)
 
-        handles.append(module.register_forward_hook(after))
-    return handles, restore
+        hooks.forward(module, after)
+
+
+def _restore_keep(module: nn.Module, keep: bool) -> None:
+    module.keep_attn = keep
+    if not keep:
+        module.last_attn = None
 
 
 def _encode(model: nn.Module, tokenizer: Any, text: str | None, input_ids: Any, max_tokens: int,
@@ -293,36 +298,26 @@ def step_by_step(
     for raw, module in model.named_modules():
         names.setdefault(module, clean_name(raw))
     recorder = _Recorder()
-    hf = None
-    handles: list = []
-    restore: list = []
+    hooks = HookSet("attention step by step")
     emb_box: dict = {}
     was_training = model.training
     model.eval()
     try:
         if cap.is_hf_model(model):
-            hf = cap.HFCapture(model, names)
+            hf = hooks.add(cap.HFCapture(model, names))
             hf.listeners.append(recorder)
             for impl, what in hf.implementations.items():
                 if not what.startswith("wrapped"):
                     notes.append(f"{impl}: {what}")
-        h2, restore = _nano_hooks(model, names, recorder)
-        handles += h2
+        _nano_hooks(names, recorder, hooks)
         get_emb = getattr(model, "get_input_embeddings", None)
         emb = get_emb() if callable(get_emb) else getattr(getattr(model, "transformer", None), "wte", None)
         if isinstance(emb, nn.Module):
-            handles.append(emb.register_forward_hook(lambda _m, _a, out: emb_box.__setitem__("x", out.detach())))
+            hooks.forward(emb, lambda _m, _a, out: emb_box.__setitem__("x", out.detach()))
         with torch.no_grad():
             output = model_forward(model, ids, mask)
     finally:
-        for handle in handles:
-            handle.remove()
-        for module, keep in restore:
-            module.keep_attn = keep
-            if not keep:
-                module.last_attn = None
-        if hf is not None:
-            hf.remove()
+        hooks.remove()
         model.train(was_training)
 
     if not recorder.calls:

@@ -16,7 +16,6 @@ Built only when ``torch.distributed`` is initialised with more than one process 
 from __future__ import annotations
 
 import math
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +81,12 @@ class DistributedExtension(Extension):
 
     name = "distributed"
 
-    def __init__(self, monitor: Any):
-        self._monitor = weakref.ref(monitor)
-        self.rank: int = monitor.rank
-        self.world_size: int = monitor.world_size
-        self.parent = Path(monitor.run_dir).parent
-        self.config = monitor.config.distributed
+    def __init__(self, run: Any):
+        self._run = run
+        self.rank: int = run.rank
+        self.world_size: int = run.world_size
+        self.parent = Path(run.run_dir).parent
+        self.config = run.config.distributed
         self.heartbeats = RankHeartbeats(self.parent, self.rank, self.world_size, self.config.heartbeat_seconds)
         self._attached = False
         self.merged: dict | None = None
@@ -95,12 +94,11 @@ class DistributedExtension(Extension):
     # ------------------------------------------------------------------ heartbeats
     def _attach(self) -> None:
         self._attached = True
-        mon = self._monitor()
-        dog = getattr(mon, "_watchdog", None) if mon is not None else None
+        dog = self._run.watchdog
         if dog is None:
             return  # no watchdog, no heartbeat files (docs/distributed.md)
         dog.peers = self.heartbeats
-        self.heartbeats.publish(mon.heartbeat, dog.training_thread, force=True)
+        self.heartbeats.publish(self._run.heartbeat, dog.training_thread, force=True)
 
     def begin_step(self, step: int, sampled: bool) -> None:
         if not self._attached:
@@ -110,8 +108,8 @@ class DistributedExtension(Extension):
     def observe(self, record: StepRecord) -> None:
         if not self.config.reduce_grad_stats or not record.sampled or record.step is None:
             return
-        mon = self._monitor()
-        if mon is None or not bool(mon.schedule(record.step)):
+        run = self._run
+        if not bool(run.schedule(record.step)):
             return  # only steps that every rank samples: a collective must be entered by all of them
         import torch.distributed as dist
 
@@ -121,40 +119,38 @@ class DistributedExtension(Extension):
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         reduced = reduce_stats([g or {} for g in gathered])
-        w = mon._metrics
         base = {"schema_version": rd.SCHEMA_VERSION, "step": record.step}
         total = 0.0
         for name, st in reduced.items():
-            w.write(base | {"kind": "grad_reduced", "name": name, "ranks": len(gathered),
+            run.write_metrics(base | {"kind": "grad_reduced", "name": name, "ranks": len(gathered),
                             **{k: getattr(st, k) for k in STAT_COLUMNS}})
             if st.norm == st.norm:
                 total += st.norm * st.norm
         if reduced:
-            w.write(base | {"kind": "scalar", "name": "grad_norm_all_ranks", "value": math.sqrt(total)})
-        w.flush()
+            run.write_metrics(base | {"kind": "scalar", "name": "grad_norm_all_ranks",
+                                      "value": math.sqrt(total)})
+        run.flush_metrics()
 
     # ------------------------------------------------------------------ close
     def close(self, status: str) -> None:
-        mon = self._monitor()
-        dog = getattr(mon, "_watchdog", None) if mon is not None else None
-        if mon is not None:
-            self.heartbeats.mark_closed(mon.heartbeat, None)
+        run = self._run
+        dog = run.watchdog
+        self.heartbeats.mark_closed(run.heartbeat, None)
         if dog is not None:
             dog.peers = None
-        if self.rank != 0 or mon is None:
+        if self.rank != 0:
             return
         self.merged = merge_ranks(
             self.parent, self.world_size, timeout=self.config.merge_timeout, own_rank=self.rank,
-            own={"status": status, "last_step": mon._last_step},
+            own={"status": status, "last_step": run.last_step},
         )
-        if mon.config.report.enabled:
+        if run.config.report.enabled:
             from stethoscope.report import write_report
 
-            write_report(self.parent, plots=mon.config.report.plots)
+            write_report(self.parent, plots=run.config.report.plots)
 
     def detach(self) -> None:
-        mon = self._monitor()
-        dog = getattr(mon, "_watchdog", None) if mon is not None else None
+        dog = self._run.watchdog
         if dog is not None:
             dog.peers = None
 
@@ -162,8 +158,8 @@ class DistributedExtension(Extension):
         return {}
 
 
-def extension(monitor: Any) -> DistributedExtension | None:
+def extension(run: Any) -> DistributedExtension | None:
     """The extension when the monitor runs in a process group of more than one rank; None otherwise."""
-    if getattr(monitor, "rank", None) is None:
+    if run.rank is None:
         return None
-    return DistributedExtension(monitor)
+    return DistributedExtension(run)

@@ -93,13 +93,14 @@ class Driver:
 
     def start(self, model: Any, optimizer: Any, default_base: str | Path, scaler: Any = None) -> Any:
         """Create the monitor (closing one left from an earlier ``fit``/``train`` call first)."""
-        from stethoscope.monitor import Monitor, _dist_rank
+        from stethoscope.monitor import Monitor
+        from stethoscope.monitor.meta import dist_rank
 
         if self.active:
             self.close(None)
         run_dir = self.run_dir
         if run_dir is None:
-            run_dir = pick_run_dir(default_base, _dist_rank()[0])
+            run_dir = pick_run_dir(default_base, dist_rank()[0])
         kwargs = dict(self.monitor_kwargs)
         if scaler is not None and "scaler" not in kwargs:
             kwargs["scaler"] = scaler
@@ -121,7 +122,7 @@ class Driver:
             mon = self.monitor
             if mon is not None and not mon.disabled:
                 with contextlib.suppress(Exception):
-                    mon._record_error(where, exc)
+                    mon.record_error(where, exc)
             return None
 
     # ------------------------------------------------------------------ steps
@@ -207,18 +208,19 @@ class Driver:
         self.resume()
         if mon.in_step:
             self.guard("integration: ending the last step", mon.end_step, error)
+        crash = None
         if error is not None:
-            mon._crash_error = f"{type(error).__name__}: {error}"
-        elif status == "crashed" and reason and not getattr(mon, "_crash_error", None):
-            mon._crash_error = reason
+            crash = f"{type(error).__name__}: {error}"
+        elif status == "crashed" and reason and not mon.crash_error:
+            crash = reason
         try:
-            mon.close(status=status)
+            mon.close(status=status, error=crash)
         except CriticalFindingError:
             if error is None:
                 raise
         except Exception as exc:  # closing must not turn a finished training into a crash
             with contextlib.suppress(Exception):
-                mon._record_error("integration: closing", exc)
+                mon.record_error("integration: closing", exc)
 
     def _at_exit(self) -> None:
         """At interpreter exit, a monitor still open means the trainer never sent its end event."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections import deque
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 
 from stethoscope import rundir as rd
 from stethoscope.extensions import Extension
+from stethoscope.hooks import is_compiling
 from stethoscope.memory.leak import CENSUS_PER_STEP, CODE, GRAPHS, OOM_CODE, Growth, judge_window
 from stethoscope.memory.oom import (
     input_shapes,
@@ -38,7 +38,6 @@ from stethoscope.memory.oom import (
 )
 from stethoscope.memory.readings import RssReader, cuda_figures, cuda_total, mib, model_cuda_device
 from stethoscope.memory.tensors import Accumulation, Snapshot, compare, describe_largest, snapshot
-from stethoscope.monitor import _is_compiling
 from stethoscope.naming import clean_name
 from stethoscope.record import StepRecord
 from stethoscope.rules.thresholds import ThresholdResolver
@@ -80,18 +79,18 @@ class MemoryExtension(Extension):
 
     name = "memory"
 
-    def __init__(self, monitor: Any):
-        cfg = monitor.config.memory
+    def __init__(self, run: Any):
+        cfg = run.config.memory
         self.cfg = cfg
-        self._mon = weakref.ref(monitor)
+        self._run = run
         self.rss = RssReader()
-        model = monitor._model_ref()
+        model = run.model
         self.device = model_cuda_device(model)
         self.total = cuda_total(self.device)
         self.series: dict[str, _Series] = {RSS: _Series(RSS, cfg.leak_window)}
         if self.device is not None:
             self.series[f"{self.device}.allocated"] = _Series(f"{self.device}.allocated", cfg.leak_window)
-        self.resolver = ThresholdResolver(monitor.config.thresholds)
+        self.resolver = ThresholdResolver(run.config.thresholds)
         self.check_every = max(1, cfg.leak_window // 10)
         self.investigations_left = cfg.snapshots
         self.pending: dict | None = None  # a leak investigation waiting for its second snapshot
@@ -100,21 +99,21 @@ class MemoryExtension(Extension):
         self.last: dict = {}  # the latest readings
         self.steps_seen = 0
         self.sampled = False
-        self.epoch = getattr(monitor, "_epoch", None)
+        self.epoch = run.epoch
         self.epoch_step: int | None = None  # the first step of the current epoch
         self.epoch_steps: list[tuple[int, int]] = []  # (epoch, first step)
         self.shapes: list[tuple[str, tuple, str]] = []
         self.calls = 0  # calls of the model in the current step
         self.sizes: deque = deque(maxlen=max(cfg.leak_window, 50))  # input elements of recent steps
-        self._handles: list[Any] = []
+        self._hooks = run.hooks("memory")
         self._recorder: Any = None
         if cfg.input_shapes and model is not None:
-            self._handles.append(model.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._hooks.forward_pre(model, self._pre_hook, with_kwargs=True)
 
     # ------------------------------------------------------------------ hooks
     def _pre_hook(self, module: Any, args: tuple, kwargs: dict) -> None:
         try:
-            if _is_compiling():
+            if is_compiling():
                 return
             self.shapes = input_shapes(args, kwargs)
             self.calls += 1
@@ -123,16 +122,14 @@ class MemoryExtension(Extension):
 
     def _recorder_ext(self) -> Any:
         if self._recorder is None:
-            mon = self._mon()
-            self._recorder = (mon.extension("recorder") if mon is not None else None) or False
+            self._recorder = self._run.extension("recorder") or False
         return self._recorder or None
 
     # ------------------------------------------------------------------ the step protocol
     def begin_step(self, step: int, sampled: bool) -> None:
         self.sampled = sampled
         self.calls = 0
-        mon = self._mon()
-        epoch = getattr(mon, "_epoch", None)
+        epoch = self._run.epoch
         if epoch != self.epoch:
             self.epoch = epoch
             self.epoch_step = step
@@ -153,9 +150,8 @@ class MemoryExtension(Extension):
             self.sizes.append(numel_of(self.shapes))
         for target, s in self.series.items():
             s.add(step, self.last.get(target))
-        mon = self._mon()
-        if mon is not None and (self.sampled or step % self.cfg.every == 0 or self.steps_seen == 1):
-            self._write_rows(mon, step)
+        if self.sampled or step % self.cfg.every == 0 or self.steps_seen == 1:
+            self._write_rows(step)
         rec = self._recorder_ext()
         if rec is not None:
             rec.note("memory", "stethoscope.memory", f"step {step}: {self._line()}")
@@ -170,9 +166,7 @@ class MemoryExtension(Extension):
         last = self.last
         last[RSS] = self.rss.read()
         if self.device is None and self.steps_seen % 50 == 0:  # moved to the GPU after the monitor was built
-            mon = self._mon()
-            model = mon._model_ref() if mon is not None else None
-            dev = model_cuda_device(model)
+            dev = model_cuda_device(self._run.model)
             if dev is not None:
                 self.device, self.total = dev, cuda_total(dev)
                 self.series[f"{dev}.allocated"] = _Series(f"{dev}.allocated", self.cfg.leak_window)
@@ -190,23 +184,20 @@ class MemoryExtension(Extension):
                          f"{mib(fig['reserved_bytes'])}, peak {mib(fig['peak_bytes'])}")
         return "; ".join(parts)
 
-    def _write_rows(self, mon: Any, step: int) -> None:
+    def _write_rows(self, step: int) -> None:
         base = {"schema_version": rd.SCHEMA_VERSION, "step": step, "kind": "memory"}
         if self.epoch is not None:
             base["epoch"] = self.epoch
         rss = self.last.get(RSS)
         if rss is not None:
-            mon._metrics.write(base | {"name": "process", f"{self.rss.kind}_bytes": rss})
+            self._run.write_metrics(base | {"name": "process", f"{self.rss.kind}_bytes": rss})
         fig = self.last.get("cuda")
         if fig:
-            mon._metrics.write(base | {"name": str(self.device), **fig})
+            self._run.write_metrics(base | {"name": str(self.device), **fig})
 
     # ------------------------------------------------------------------ leaks
     def _check(self, step: int) -> None:
-        mon = self._mon()
-        if mon is None:
-            return
-        findings = mon.findings
+        findings = self._run.findings
         for target, s in self.series.items():
             if not s.full:
                 continue
@@ -246,12 +237,10 @@ class MemoryExtension(Extension):
         steps = step - prev.step
         acc = compare(prev, snap, steps)
         grown = sum(r["count_growth"] for r in acc.rows if r["holds"].startswith("graph:"))
-        mon = self._mon()
-        if mon is None:
-            return
+        findings = self._run.findings
         if acc.pattern is None or (acc.pattern == "append" and grown < max(8, CENSUS_PER_STEP * steps)):
-            if mon.findings.is_open(CODE, GRAPHS):  # the pile stopped growing
-                mon.findings.clear(CODE, GRAPHS, step, grown)
+            if findings.is_open(CODE, GRAPHS):  # the pile stopped growing
+                findings.clear(CODE, GRAPHS, step, grown)
             return
         per_step = grown / max(1, steps)
         message = (
@@ -260,16 +249,14 @@ class MemoryExtension(Extension):
         )
         data = {"window": [prev.step, step], "graph_holders_gained": grown, "per_step": round(per_step, 3),
                 "accumulating": acc.rows, "pattern": acc.pattern, "rss_bytes": self.last.get(RSS)}
-        mon.findings.report(CODE, GRAPHS, "warning", grown, round(CENSUS_PER_STEP * steps), message,
+        findings.report(CODE, GRAPHS, "warning", grown, round(CENSUS_PER_STEP * steps), message,
                             acc.hint or _GENERIC_HINT, step, data=data)
 
     def _snapshot(self, step: int) -> Snapshot | None:
         try:
             return snapshot(step)
         except Exception as exc:
-            mon = self._mon()
-            if mon is not None:
-                mon._record_error("memory snapshot", exc)
+            self._run.record_error("memory snapshot", exc)
             return None
 
     def _finish_investigation(self, step: int, final: bool = False) -> None:
@@ -286,9 +273,6 @@ class MemoryExtension(Extension):
 
     def _emit(self, target: str, severity: str, g: Growth, shown: float | None, step: int,
               acc: Accumulation | None, first: Snapshot | None = None) -> None:
-        mon = self._mon()
-        if mon is None:
-            return
         if acc is None:  # a later update keeps the cause the investigation found
             acc = self.causes.get(target)
         else:
@@ -322,14 +306,13 @@ class MemoryExtension(Extension):
             data["pattern"] = acc.pattern
         elif first is not None:
             data["largest_tensors"] = first.largest[:5]
-        mon.findings.report(CODE, target, severity, round(g.growth_mib, 2), shown, message, hint, step, data=data)
+        self._run.findings.report(CODE, target, severity, round(g.growth_mib, 2), shown, message, hint, step,
+                                  data=data)
 
     # ------------------------------------------------------------------ out of memory
     def _on_oom(self, step: int, exc: BaseException) -> None:
-        mon = self._mon()
-        if mon is None:
-            return
-        model = mon._model_ref()
+        run = self._run
+        model = run.model
         names = {}
         if model is not None:
             with contextlib.suppress(Exception):
@@ -391,14 +374,14 @@ class MemoryExtension(Extension):
         if path is None:
             from stethoscope.recorder.dump import write_crash
 
-            path, _ = write_crash(mon.run_dir, reason, step=step, epoch=self.epoch, exc=exc,
+            path, _ = write_crash(run.run_dir, reason, step=step, epoch=self.epoch, exc=exc,
                                   sections=[("out of memory", lines)], data={"oom": data})
         data["dump"] = path.name
         first_line = str(exc).strip().split("\n")[0][:300]
         message = f"out of memory in step {step} {where_text}: {type(exc).__name__}: {first_line}"
         if after_epoch:
             message += f" ({step - self.epoch_step} step(s) after epoch {self.epoch} began)"
-        mon.findings.report(
+        run.findings.report(
             OOM_CODE, module if module and module != "<model>" else None, "critical",
             round(req / 2**20, 1) if req else None, None, message,
             "; ".join(fixes[:4]) + f" (all remedies and the largest tensors in {path.name})", step, data=data,
@@ -414,10 +397,7 @@ class MemoryExtension(Extension):
             self._finish_investigation(self.pending["step"], final=True)
 
     def detach(self) -> None:
-        for h in self._handles:
-            with contextlib.suppress(Exception):
-                h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.rss.close()
         self._recorder = None
 
@@ -429,8 +409,8 @@ class MemoryExtension(Extension):
         self.epoch_steps = [tuple(e) for e in state.get("epochs", [])]
 
 
-def extension(monitor: Any) -> MemoryExtension | None:
-    cfg = getattr(monitor.config, "memory", None)
+def extension(run: Any) -> MemoryExtension | None:
+    cfg = getattr(run.config, "memory", None)
     if cfg is None or not cfg.enabled:
         return None
-    return MemoryExtension(monitor)
+    return MemoryExtension(run)

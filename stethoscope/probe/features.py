@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stethoscope.hooks import HookSet
 from stethoscope.probe.errors import ProbeLayerError, ProbeModelError
 
 SCHEMA_VERSION = 1
@@ -247,22 +248,19 @@ class _Capture:
         self.module, self.layers, self.mode, self.time_axis = module, layers, mode, time_axis
         self.mask: torch.Tensor | None = None
         self.pooled: dict[str, torch.Tensor] = {}
-        self.handles: list = []
+        self.hooks = HookSet("probe features")
 
     def __enter__(self) -> _Capture:
         try:
             for alias, name in self.layers.items():
-                sub = self.module.get_submodule(name)
-                self.handles.append(sub.register_forward_hook(self._hook(alias)))
+                self.hooks.forward(self.module.get_submodule(name), self._hook(alias))
         except BaseException:
-            self.__exit__(None, None, None)
+            self.hooks.remove()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        self.hooks.remove()
 
     def _hook(self, alias: str):
         def hook(_mod, _inp, out):

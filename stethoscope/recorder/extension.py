@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stethoscope.extensions import Extension
-from stethoscope.monitor import _is_compiling
-from stethoscope.naming import clean_name
+from stethoscope.hooks import is_compiling, walk_modules
 from stethoscope.record import StepRecord
 from stethoscope.recorder.buffer import FlightRecorder
 from stethoscope.recorder.dump import write_crash
@@ -40,23 +39,23 @@ class RecorderExtension(Extension):
 
     name = "recorder"
 
-    def __init__(self, monitor: Any):
-        cfg = monitor.config.recorder
+    def __init__(self, run: Any):
+        cfg = run.config.recorder
         self.cfg = cfg
-        self._mon = weakref.ref(monitor)
-        self.run_dir: Path = monitor.run_dir
+        self._run = run
+        self.run_dir: Path = run.run_dir
         self.recorder = FlightRecorder(cfg.capacity, cfg.max_entry_chars, cfg.module_events)
         self.dumps: list[Path] = []
         self._dumped_ids: set[int] = set()  # exceptions already dumped (the memory extension's OOM dump)
         self._nonfinite_dumped = False
         self._step_started = 0.0
         self._seen_events = 0
-        self._handles: list[Any] = []
+        self._hooks = run.hooks("recorder")
         self._sigterm_handler: Any = None
         self._sigterm_prev: Any = None
         self.capture = LogCapture(self.recorder.add_log, cfg.level, cfg.levels).install()
         try:
-            model = monitor._model_ref()
+            model = run.model
             if cfg.module_events > 0 and model is not None:
                 self._attach_modules(model)
             if cfg.on_sigterm:
@@ -73,25 +72,20 @@ class RecorderExtension(Extension):
     # ------------------------------------------------------------------ module events
     def _attach_modules(self, model: Any) -> None:
         rec = self.recorder
-        seen: set[str] = set()
-        for raw, module in model.named_modules():
-            name = clean_name(raw)
-            if name in seen:
-                continue
-            seen.add(name)
+        for name, module in walk_modules(model):
 
             def pre(_m: Any, _a: Any, _name: str = name) -> None:
-                if not _is_compiling():  # inside a torch.compile'd region: stay out of the graph
+                if not is_compiling():  # inside a torch.compile'd region: stay out of the graph
                     rec.modules.append((time.perf_counter(), rec.step, _name, True))
 
             def post(_m: Any, _a: Any, _o: Any, _name: str = name) -> None:
-                if not _is_compiling():
+                if not is_compiling():
                     rec.modules.append((time.perf_counter(), rec.step, _name, False))
 
             # no always_call on the post-hook: a module left by an exception keeps no "exit" event, so the
             # dump can say which modules were running when it struck
-            self._handles.append(module.register_forward_pre_hook(pre))
-            self._handles.append(module.register_forward_hook(post))
+            self._hooks.forward_pre(module, pre)
+            self._hooks.forward(module, post)
 
     # ------------------------------------------------------------------ the step protocol
     def begin_step(self, step: int, sampled: bool) -> None:
@@ -131,14 +125,12 @@ class RecorderExtension(Extension):
             if record.missing_grads:
                 parts.append(f"{len(record.missing_grads)} parameter(s) without gradient")
         rec.add("stats", "stethoscope.monitor", " · ".join(parts))
-        mon = self._mon()
-        if mon is not None:
-            for ev in list(mon.findings.recent):
-                rec.add(
-                    "finding", "stethoscope.findings",
-                    f"{ev.get('event')} {ev.get('severity')} {ev.get('code')} {ev.get('target')}: {ev.get('message')}",
-                    logging.WARNING if ev.get("severity") != "info" else logging.INFO,
-                )
+        for ev in list(self._run.findings.recent):
+            rec.add(
+                "finding", "stethoscope.findings",
+                f"{ev.get('event')} {ev.get('severity')} {ev.get('code')} {ev.get('target')}: {ev.get('message')}",
+                logging.WARNING if ev.get("severity") != "info" else logging.INFO,
+            )
         loss = record.scalars.get("loss")
         if (self.cfg.on_nonfinite_loss and not self._nonfinite_dumped and isinstance(loss, float)
                 and not math.isfinite(loss)):
@@ -166,10 +158,9 @@ class RecorderExtension(Extension):
         if exc is not None:
             self._dumped_ids.add(id(exc))
         rec = self.recorder
-        mon = self._mon()
         if step is None:
             step = rec.step
-        epoch = getattr(mon, "_epoch", None) if mon is not None else None
+        epoch = self._run.epoch
         stack_text = None
         if stacks:
             with contextlib.suppress(Exception):
@@ -228,10 +219,9 @@ class RecorderExtension(Extension):
     def _on_sigterm(self) -> None:
         self.recorder.add("signal", "stethoscope.recorder", "SIGTERM received", logging.ERROR)
         path = self.dump("SIGTERM received", stacks=True)
-        mon = self._mon()
-        if mon is not None and not mon.closed:
+        if not self._run.closed:
             with contextlib.suppress(Exception):
-                mon._write_meta("crashed", error=f"SIGTERM (flight recorder dump {path.name if path else '-'})")
+                self._run.write_meta("crashed", error=f"SIGTERM (flight recorder dump {path.name if path else '-'})")
 
     def _uninstall_sigterm(self) -> None:
         handler, self._sigterm_handler = self._sigterm_handler, None
@@ -252,17 +242,14 @@ class RecorderExtension(Extension):
     def detach(self) -> None:
         self.capture.uninstall()
         self._uninstall_sigterm()
-        for h in self._handles:
-            with contextlib.suppress(Exception):
-                h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def state_dict(self) -> dict:
         return {"dumps": [p.name for p in self.dumps]}
 
 
-def extension(monitor: Any) -> RecorderExtension | None:
-    cfg = getattr(monitor.config, "recorder", None)
+def extension(run: Any) -> RecorderExtension | None:
+    cfg = getattr(run.config, "recorder", None)
     if cfg is None or not cfg.enabled:
         return None
-    return RecorderExtension(monitor)
+    return RecorderExtension(run)

@@ -56,18 +56,19 @@ __all__ = [
 ]
 
 
-def default_rules(monitor: Any) -> list[Rule]:
-    """The registered rules the config enables, built for ``monitor``.
+def default_rules(run: Any) -> list[Rule]:
+    """The registered rules the config enables, built over ``run`` (the monitor's
+    :class:`~stethoscope.monitor.context.RunContext`).
 
     The model and optimizer are inspected here, once, into plain data; no rule keeps a reference to them.
     A rule that fails to build is reported as ``monitor.error`` and left out; the rest still run.
     """
     try:
-        ctx = RuleContext.from_monitor(monitor)
+        ctx = RuleContext.from_run(run)
     except Exception as exc:  # never break the training we watch
-        _report_error(monitor, "rules (inspecting the model)", exc)
+        run.record_error("rules (inspecting the model)", exc)
         return []
-    section = getattr(monitor.config, "rules", None)
+    section = getattr(run.config, "rules", None)
     enabled = make_filter(patterns(getattr(section, "enabled", "*")))
     disabled = make_filter(patterns(getattr(section, "disabled", "")))
     rules: list[Rule] = []
@@ -77,11 +78,5 @@ def default_rules(monitor: Any) -> list[Rule]:
         try:
             rules.append(cls(ctx))
         except Exception as exc:
-            _report_error(monitor, f"rule {code} (setup)", exc)
+            run.record_error(f"rule {code} (setup)", exc)
     return rules
-
-
-def _report_error(monitor: Any, where: str, exc: Exception) -> None:
-    record = getattr(monitor, "_record_error", None)
-    if record is not None:
-        record(where, exc)

@@ -24,7 +24,6 @@ clear of the warning level (with a little hysteresis). Everything a rule keeps b
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -82,22 +81,18 @@ class RuleContext:
     _optimizer: Callable[[], Any] | None = None  # a weak way to the live learning rates
 
     @classmethod
-    def from_monitor(cls, monitor: Any) -> RuleContext:
-        cfg = monitor.config
-        model = monitor._model_ref()
-        opt_ref = getattr(monitor, "_optimizer_ref", None)
-        optimizer = opt_ref() if opt_ref is not None else None
-        scaler = getattr(monitor, "_scaler_ref", None) is not None
-        info = ModelInfo.inspect(model, optimizer, scaler=scaler)
-        monitor_ref = weakref.ref(monitor)
+    def from_run(cls, run: Any) -> RuleContext:
+        """The context for rules of a running monitor (``run``: its
+        :class:`~stethoscope.monitor.context.RunContext`); the model is inspected here, once."""
+        cfg = run.config
+        optimizer = run.optimizer
+        info = ModelInfo.inspect(run.model, optimizer, scaler=run.has_scaler)
 
         def live_optimizer() -> Any:
-            mon = monitor_ref()
-            ref = getattr(mon, "_optimizer_ref", None) if mon is not None else None
-            return ref() if ref is not None else None
+            return run.optimizer
 
         return cls(
-            findings=monitor.findings,
+            findings=run.findings,
             resolver=ThresholdResolver(cfg.thresholds),
             settings=RulesSettings.from_config(cfg),
             info=info,

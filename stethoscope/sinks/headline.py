@@ -16,7 +16,6 @@ it keeps the last sampled step's numbers as records are flushed.
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 from stethoscope.extensions import Extension
@@ -49,8 +48,9 @@ def worst_zero_fraction(record: StepRecord, rule: Any = None) -> float | None:
     return worst
 
 
-def _a_rule(monitor: Any) -> Any:
-    for rule in getattr(monitor, "_rules", []):
+def a_rule(run: Any) -> Any:
+    """Any running rule with a context (it carries the model facts), or None. ``run``: a run context."""
+    for rule in run.rules:
         if getattr(rule, "ctx", None) is not None:
             return rule
     return None
@@ -61,8 +61,8 @@ class Headline(Extension):
 
     name = "headline"
 
-    def __init__(self, monitor: Any):
-        self._monitor = weakref.ref(monitor)
+    def __init__(self, run: Any):
+        self._run = run
         self.step: int | None = None
         self.zero_grad_fraction_max: float | None = None
         self.grad_norm: float | None = None
@@ -71,19 +71,20 @@ class Headline(Extension):
         if not record.grads:
             return
         self.step = record.step
-        self.zero_grad_fraction_max = worst_zero_fraction(record, _a_rule(self._monitor()))
+        self.zero_grad_fraction_max = worst_zero_fraction(record, a_rule(self._run))
         gn = record.grad_norm
         self.grad_norm = gn if math.isfinite(gn) else None
 
     def values(self) -> dict[str, float]:
         """The headline numbers as plain floats (names without the ``stethoscope/`` prefix)."""
-        return headline_values(self._monitor(), self)
+        return headline_values(self._run, self)
 
 
-def headline_values(monitor: Any, headline: Headline | None = None) -> dict[str, float]:
-    """Findings counts (always) and the last sampled step's numbers (once there is one), as plain floats."""
+def headline_values(run: Any, headline: Headline | None = None) -> dict[str, float]:
+    """Findings counts (always) and the last sampled step's numbers (once there is one), as plain floats.
+    ``run``: the run context or the monitor (both carry ``findings``)."""
     out: dict[str, float] = {}
-    findings = getattr(monitor, "findings", None) if monitor is not None else None
+    findings = getattr(run, "findings", None) if run is not None else None
     if findings is not None:
         counts = findings.counts
         for sev in ("critical", "warning", "info"):
@@ -103,6 +104,6 @@ def attach(monitor: Any) -> Headline | None:
         return None
     ext = monitor.extension(Headline.name)
     if ext is None:
-        ext = Headline(monitor)
+        ext = Headline(monitor.context)
         monitor.add_extension(ext)
     return ext

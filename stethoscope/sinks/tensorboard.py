@@ -22,7 +22,6 @@ towards 1e-6) or a few members stray. Each rank writes its own event files (``ra
 from __future__ import annotations
 
 import math
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 from stethoscope.errors import StethoscopeError
 from stethoscope.extensions import Extension
 from stethoscope.record import StepRecord
-from stethoscope.sinks.headline import PREFIX, headline_values, worst_zero_fraction
+from stethoscope.sinks.headline import PREFIX, a_rule, headline_values, worst_zero_fraction
 
 INSTALL_HINT = "pip install 'stethoscope[tensorboard]'  (or: pip install tensorboard)"
 
@@ -50,14 +49,15 @@ def _summary_writer_class() -> Any:
     return SummaryWriter
 
 
-def log_dir_for(monitor: Any) -> Path:
+def log_dir_for(run: Any) -> Path:
     """Where the event files go: ``tensorboard.log_dir`` (``/rank{N}`` appended when distributed), else
-    ``<run_dir>/tensorboard`` (the run directory is already per rank)."""
-    cfg = monitor.config.tensorboard
+    ``<run_dir>/tensorboard`` (the run directory is already per rank). ``run``: the run context (or the
+    monitor: both carry ``config``, ``rank`` and ``run_dir``)."""
+    cfg = run.config.tensorboard
     if cfg.log_dir:
         base = Path(cfg.log_dir)
-        return base / f"rank{monitor.rank}" if monitor.rank is not None else base
-    return Path(monitor.run_dir) / "tensorboard"
+        return base / f"rank{run.rank}" if run.rank is not None else base
+    return Path(run.run_dir) / "tensorboard"
 
 
 def _log10_finite(values: list[float]) -> np.ndarray:
@@ -76,18 +76,14 @@ class TensorBoardSink(Extension):
 
     name = "tensorboard"
 
-    def __init__(self, monitor: Any, writer: Any = None):
-        self._monitor = weakref.ref(monitor)
-        self.log_dir = log_dir_for(monitor)
-        self.histograms = bool(monitor.config.tensorboard.histograms)
+    def __init__(self, run: Any, writer: Any = None):
+        self._run = run
+        self.log_dir = log_dir_for(run)
+        self.histograms = bool(run.config.tensorboard.histograms)
         if writer is None:
             writer = _summary_writer_class()(log_dir=str(self.log_dir))
         self.writer = writer
-        self._rule = None
-        for rule in getattr(monitor, "_rules", []):
-            if getattr(rule, "ctx", None) is not None:
-                self._rule = rule
-                break
+        self._rule = a_rule(run)
 
     def observe(self, record: StepRecord) -> None:
         step = record.step
@@ -97,7 +93,7 @@ class TensorBoardSink(Extension):
         for name, value in record.scalars.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 w.add_scalar(PREFIX + name, float(value), step)
-        for name, value in headline_values(self._monitor()).items():
+        for name, value in headline_values(self._run).items():
             w.add_scalar(PREFIX + name, value, step)
         if not record.sampled:
             return
@@ -143,11 +139,11 @@ class TensorBoardSink(Extension):
         self._rule = None
 
 
-def extension(monitor: Any) -> TensorBoardSink | None:
+def extension(run: Any) -> TensorBoardSink | None:
     """The sink when ``tensorboard.enabled`` is on; None otherwise (nothing is imported then)."""
-    if not monitor.config.tensorboard.enabled:
+    if not run.config.tensorboard.enabled:
         return None
-    return TensorBoardSink(monitor)
+    return TensorBoardSink(run)
 
 
 __all__ = ["INSTALL_HINT", "TensorBoardSink", "TensorBoardUnavailableError", "extension", "log_dir_for"]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import stethoscope as st
-import stethoscope.monitor as monitor_mod
+import stethoscope.monitor.engine as engine_mod
 
 from ._helpers import batch, quiet_config, rows, train
 
@@ -40,7 +40,7 @@ def test_a_model_with_no_parameters(run_dir):
 
 
 def test_a_hook_that_raises_is_one_finding_and_training_goes_on(tiny_mlp, run_dir, monkeypatch):
-    real = monitor_mod.tensor_stats
+    real = engine_mod.tensor_stats
     failing_shape = (16, 16)  # the first Linear's output, the ReLU's, and so Linear 2's input
 
     def flaky(t, *args, **kwargs):
@@ -48,7 +48,7 @@ def test_a_hook_that_raises_is_one_finding_and_training_goes_on(tiny_mlp, run_di
             raise RuntimeError("synthetic failure in the statistics")
         return real(t, *args, **kwargs)
 
-    monkeypatch.setattr(monitor_mod, "tensor_stats", flaky)
+    monkeypatch.setattr(engine_mod, "tensor_stats", flaky)
     opt = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
     path = run_dir()
     mon = st.Monitor(tiny_mlp, opt, run_dir=path, config=quiet_config())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stethoscope as st
+import stethoscope.rules
 
 from ._helpers import batch, quiet_config, train
 
@@ -187,13 +188,13 @@ class CriticalAt:
 
     name = "test.critical_at"
 
-    def __init__(self, monitor, step):
-        self.monitor, self.step, self.calls = monitor, step, []
+    def __init__(self, run, step):
+        self.run, self.step, self.calls = run, step, []
 
     def observe(self, record):
         self.calls.append(("observe", record.step))
         if record.step == self.step:
-            self.monitor.findings.report(
+            self.run.findings.report(
                 "test.critical", "0", "critical", 1.0, 0.5, "it broke", "fix it", record.step
             )
 
@@ -210,12 +211,26 @@ class CriticalAt:
         self.calls.append(("detach", None))
 
 
-def test_stop_on_critical_raises_a_typed_error(tiny_mlp, run_dir):
+def _with_rule(monkeypatch, step):
+    """The built-in rules plus a :class:`CriticalAt` at ``step``, for every monitor built from now on."""
+    built = []
+    real = stethoscope.rules.default_rules
+
+    def rules(run):
+        rule = CriticalAt(run, step)
+        built.append(rule)
+        return [*real(run), rule]
+
+    monkeypatch.setattr(stethoscope.rules, "default_rules", rules)
+    return built
+
+
+def test_stop_on_critical_raises_a_typed_error(tiny_mlp, run_dir, monkeypatch):
     path = run_dir()
     opt = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    built = _with_rule(monkeypatch, 2)
     mon = st.Monitor(tiny_mlp, opt, run_dir=path, config=quiet_config(stop_on="critical"))
-    rule = CriticalAt(mon, 2)
-    mon._rules.append(rule)
+    [rule] = built
     with pytest.raises(st.CriticalFindingError) as err, mon:
         train(mon, tiny_mlp, opt, range(10))
     assert err.value.finding["code"] == "test.critical" and err.value.finding["step"] == 2
@@ -229,19 +244,19 @@ def test_stop_on_critical_raises_a_typed_error(tiny_mlp, run_dir):
     assert run.verdict["status"] == "critical"
 
 
-def test_without_stop_on_a_critical_finding_does_not_raise(tiny_mlp, run_dir):
+def test_without_stop_on_a_critical_finding_does_not_raise(tiny_mlp, run_dir, monkeypatch):
     opt = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    _with_rule(monkeypatch, 1)
     mon = st.Monitor(tiny_mlp, opt, run_dir=run_dir(), config=quiet_config())
-    mon._rules.append(CriticalAt(mon, 1))
     train(mon, tiny_mlp, opt, range(4))
     mon.close()
     assert mon.findings.verdict()["status"] == "critical"
 
 
-def test_stop_on_critical_raised_at_close(tiny_mlp, run_dir):
+def test_stop_on_critical_raised_at_close(tiny_mlp, run_dir, monkeypatch):
     opt = torch.optim.SGD(tiny_mlp.parameters(), lr=0.1)
+    _with_rule(monkeypatch, 3)
     mon = st.Monitor(tiny_mlp, opt, run_dir=run_dir(), config=quiet_config(stop_on="critical"))
-    mon._rules.append(CriticalAt(mon, 3))
     train(mon, tiny_mlp, opt, range(4))  # step 3 is flushed by close()
     with pytest.raises(st.CriticalFindingError):
         mon.close()

@@ -234,7 +234,7 @@ def test_resume_restores_state(tiny_mlp, run_dir, monkeypatch):
     assert saved["schema_version"] == rd.SCHEMA_VERSION and saved["last_step"] == 7
     assert saved["loss_spikes"]["history"] == pytest.approx([float(v) for v in losses])
     assert saved["rules"] == {"test.counting": {"seen": 8}}
-    assert mon._rules[0].detached
+    assert mon.context.rules[0].detached
 
     mon2 = st.Monitor(tiny_mlp, opt, run_dir=path, config=cfg, resume=True)
     state = mon2.state_dict()

@@ -66,18 +66,24 @@ def sync_counter(monkeypatch):
 
 
 def _per_flush(monkeypatch, counts) -> list[dict]:
-    """Snapshot the counts around every flush so each flush is checked on its own."""
+    """Snapshot the counts around every flush so each flush is checked on its own.
+
+    A finished step's record is flushed when the next step begins and at ``close()``: both are wrapped (the
+    first ``begin_step`` of a counted range flushes the step before it)."""
     per: list[dict] = []
-    original = monitor_mod.Monitor._flush
 
-    def flush(self, *args, **kwargs):
-        before = collections.Counter(counts)
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            per.append({k: v - before.get(k, 0) for k, v in counts.items() if v - before.get(k, 0)})
+    def counted(original):
+        def call(self, *args, **kwargs):
+            before = collections.Counter(counts)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                per.append({k: v - before.get(k, 0) for k, v in counts.items() if v - before.get(k, 0)})
 
-    monkeypatch.setattr(monitor_mod.Monitor, "_flush", flush)
+        return call
+
+    for method in ("begin_step", "close"):
+        monkeypatch.setattr(monitor_mod.Monitor, method, counted(getattr(monitor_mod.Monitor, method)))
     return per
 
 

@@ -98,7 +98,7 @@ def test_trainer_one_monitored_step_per_optimizer_step(tmp_path):
     assert 0.0 <= last["stethoscope/zero_grad_fraction_max"] <= 1.0
 
     # the hooks are gone: a forward after training records nothing
-    assert not cb.monitor._handles
+    assert cb.monitor.hooks_attached == 0
 
 
 def test_second_train_call_gets_a_new_run_directory(tmp_path):

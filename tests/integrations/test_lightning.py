@@ -93,7 +93,7 @@ def test_fit_one_monitored_step_per_optimizer_step(tmp_path):
     # sanity check and validation ran inside mon.pause()
     assert len(rec.paused) >= 2 and all(rec.paused)
     assert not cb.monitor.heartbeat.paused
-    assert not cb.monitor._handles
+    assert cb.monitor.hooks_attached == 0
 
 
 def test_exception_closes_the_run_as_crashed(tmp_path):

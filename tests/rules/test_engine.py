@@ -222,7 +222,7 @@ def _pathological_run(run_dir, steps, model, opt, resume=False, start=0):
             opt.step()
             opt.zero_grad(set_to_none=True)
         mon.log(loss=loss.detach())
-    states = {r.name: r.state_dict() for r in mon._rules}
+    states = {r.name: r.state_dict() for r in mon.context.rules}
     mon.close()
     return states
 
@@ -261,7 +261,7 @@ def test_no_reference_to_the_model_after_close(tmp_path):
     del model, opt
     gc.collect()
     assert ref() is None and oref() is None
-    assert mon._rules  # the rules are still there, holding plain data only
+    assert mon.context.rules  # the rules are still there, holding plain data only
 
 
 def test_documented_configuration_examples_are_valid():

@@ -1,0 +1,71 @@
+"""One sampled step's statistics rows, each distinct tensor computed once.
+
+A hidden state feeds several modules (a residual stream is the output of one block and the input of the
+next), so rows are cached per tensor identity within a step; the cache is dropped at every step boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+
+import torch
+
+from stethoscope.stats import CompiledStats, Scratch, tensor_stats
+
+
+def tensor_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's contents within a step (same storage, view and version)."""
+    try:
+        return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+    except Exception:  # tensors without storage (e.g. some subclasses): never deduplicated
+        return (id(t), None)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Statistics in the tensor's own precision, whatever autocast region the hook fires in."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class StatsEngine:
+    """Device-side statistics rows (see :mod:`stethoscope.stats`), eager or compiled per ``stats.compile``.
+
+    Args:
+        stats_config: the config's ``stats`` section (``eps``, ``saturation``, ``compile``).
+        on_error: ``(where, exc)`` for a compiled kernel that failed and fell back to eager.
+    """
+
+    def __init__(self, stats_config, on_error: Callable[[str, BaseException], None]):
+        self.cfg = stats_config
+        self._compiled = CompiledStats(on_error=on_error)
+        self._scratch = Scratch()  # work buffers reused by every statistic (3 x 2 MiB per device at most)
+        self._dedup: dict[tuple, tuple[weakref.ref, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+    def new_step(self) -> None:
+        self._dedup = {}
+
+    def row(self, t: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(raw row, per-feature max |x| or None) of ``t``, from the step's cache when already computed."""
+        key = tensor_key(t)
+        cached = self._dedup.get(key)
+        # a dead tensor's memory may have been reused; a row cached without features cannot serve one with
+        if cached is not None and cached[0]() is not None and (not features or cached[1][1] is not None):
+            return cached[1]
+        feats: list[torch.Tensor] = []
+        with no_autocast(t.device):
+            row = self.compute(t, features, feats)
+        result = (row, feats[0] if feats else None)
+        self._dedup[key] = (weakref.ref(t), result)
+        return result
+
+    def compute(self, t: torch.Tensor, features: bool, feats: list | None) -> torch.Tensor:
+        """The eager engine, or the compiled one where ``stats.compile`` asks for it (see CompiledStats)."""
+        cfg = self.cfg
+        mode = cfg.compile
+        if mode == "always" or (mode == "auto" and t.device.type == "cuda"):
+            return self._compiled(t, cfg.eps, cfg.saturation, features, feats, self._scratch)
+        return tensor_stats(t, cfg.eps, cfg.saturation, features=features, feature_absmax=feats,
+                            scratch=self._scratch)

@@ -1,0 +1,179 @@
+"""The monitor's forward hooks: the heartbeat on every step, activation statistics on sampled ones.
+
+Every module gets a pre-hook and a post-hook (through the monitor's :class:`~stethoscope.hooks.HookSet`).
+On every step they stamp the heartbeat (a list append and a clock read: what the hang watchdog reads).
+On sampled steps, for the modules ``stats.modules`` selects, they queue device rows on the step collector:
+
+* the output's statistics, one row per floating tensor of the (possibly nested) output;
+* the inputs of linear layers (what a dead-feature check on a projection needs);
+* whether the inputs were finite, as one device scalar per call (a finite sum proves every entry finite),
+  so ``numerics.nonfinite`` can tell the module that *made* a NaN from the ones that passed it on.
+
+Nothing here reads a value back from the device.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from stethoscope.collector import Entry, StepCollector
+from stethoscope.flatten import iter_float_tensors
+from stethoscope.heartbeat import Heartbeat
+from stethoscope.hooks import HookSet, is_compiling
+from stethoscope.monitor.engine import StatsEngine, tensor_key
+from stethoscope.naming import make_filter
+
+LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "LazyLinear", "Bilinear")
+
+Guard = Callable[..., Any]  # guard(where, fn, *args): run fn, an exception becomes a monitor.error finding
+
+
+class ForwardObserver:
+    """Hook bodies for module forwards and the per-step state they keep (see the module docstring).
+
+    ``sampling`` is switched by the monitor: True inside a sampled step that is not paused.
+    """
+
+    def __init__(self, heartbeat: Heartbeat, engine: StatsEngine, collector: StepCollector, per_call: bool,
+                 guard: Guard, profile: Any = None):
+        self.heartbeat = heartbeat
+        self.engine = engine
+        self.collector = collector
+        self.per_call = per_call
+        self.guard = guard
+        self.profile = profile  # ModuleProfile (trace.profile) or None
+        self.sampling = False
+        self.calls: dict[str, int] = {}
+        self.sums: dict[tuple, tuple[Any, torch.Tensor]] = {}  # input sums of the step, per tensor
+        self.input_flags: dict[str, list[torch.Tensor | None]] = {}
+
+    def attach(self, hooks: HookSet, model: nn.Module, module_patterns: Any) -> None:
+        """Hook every module of ``model`` once; statistics for the names ``module_patterns`` selects."""
+        wants = make_filter(module_patterns)
+
+        def pre(name: str, module: nn.Module) -> Callable:
+            is_linear = type(module).__name__ in LINEAR_TYPES or isinstance(module, nn.Linear)
+            return self._make_pre_hook(name, wants(name), is_linear)
+
+        def post(name: str, module: nn.Module) -> Callable:
+            return self._make_post_hook(name, wants(name))
+
+        hooks.on_modules(model, pre, post, with_kwargs=True, always_call=True)
+
+    def new_step(self) -> None:
+        self.calls = {}
+        self.sums = {}
+        self.input_flags = {}
+
+    def end_step(self) -> None:
+        self.sampling = False
+        self.sums = {}
+
+    def clear(self) -> None:
+        self.sampling = False
+        self.sums = {}
+        self.input_flags = {}
+
+    # ------------------------------------------------------------------ the hooks
+    def _make_pre_hook(self, name: str, wants_stats: bool, is_linear: bool) -> Callable:
+        hb = self.heartbeat
+        where = f"forward pre-hook of {name or '<model>'}"
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if is_compiling():  # inside a torch.compile'd region: stay out of the graph
+                return None
+            hb.enter(name)
+            if not self.sampling:
+                return None
+            prof = self.profile
+            if not wants_stats:
+                if prof is not None:
+                    prof.enter(name, hb.stamp)
+                return None
+            self.guard(where, self.on_inputs, name, args, kwargs, is_linear)
+            if prof is not None:  # the statistics' own time is not the module's
+                now = time.monotonic()
+                prof.discount(now - hb.stamp)
+                prof.enter(name, now)
+            return None
+
+        return pre_hook
+
+    def _make_post_hook(self, name: str, wants_stats: bool) -> Callable:
+        hb = self.heartbeat
+        where = f"forward hook of {name or '<model>'}"
+
+        def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if is_compiling():
+                return None
+            hb.exit(name)
+            if not self.sampling:
+                return None
+            prof = self.profile
+            if prof is not None:
+                prof.exit(name, hb.stamp)
+            if not wants_stats:
+                return None
+            self.guard(where, self.on_output, name, output)
+            if prof is not None:
+                prof.discount(time.monotonic() - hb.stamp)
+            return None
+
+        return post_hook
+
+    # ------------------------------------------------------------------ hook bodies (sampled steps)
+    def on_inputs(self, name: str, args: tuple, kwargs: dict, is_linear: bool) -> None:
+        tensors = [t for _, t in iter_float_tensors((args, kwargs))]
+        if not tensors:
+            self.input_flags.setdefault(name, []).append(None)
+            return
+        # A finite sum proves every entry finite: one device scalar (the sum of the inputs' sums), no host
+        # read; the host reads a non-finite flag as "an input was not finite".
+        if len(tensors) == 1:
+            flag = self.input_sum(tensors[0])
+        else:
+            device = tensors[0].device
+            flag = torch.cat([self.input_sum(t).to(device) for t in tensors]).sum().reshape(1)
+        # a stack per name: a module that calls itself keeps each call's own flag
+        self.input_flags.setdefault(name, []).append(flag)
+        if is_linear:
+            x = tensors[0]
+            features = x.dim() >= 2
+            row, per_feature = self.engine.row(x, features=features)
+            self.collector.add(
+                Entry("input", name, "", self.calls.get(name, 0), x.numel(),
+                      x.shape[-1] if features else 0), row)
+            if per_feature is not None and not self.per_call:
+                self.collector.add_feature_absmax(("input", name, ""), per_feature)
+
+    def input_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """(1,) float32 sum of ``t``, once per tensor and step: a hidden state feeds several modules."""
+        key = tensor_key(t)
+        hit = self.sums.get(key)
+        if hit is not None and hit[0]() is not None:
+            return hit[1]
+        s = t.detach().sum(dtype=torch.float32).reshape(1)
+        self.sums[key] = (weakref.ref(t), s)
+        return s
+
+    def on_output(self, name: str, output: Any) -> None:
+        call = self.calls.get(name, 0)
+        self.calls[name] = call + 1
+        stack = self.input_flags.get(name)
+        flag = stack.pop() if stack else None
+        for path, t in iter_float_tensors(output):
+            features = t.dim() >= 2
+            row, per_feature = self.engine.row(t, features)
+            entry = Entry("act", name, path, call, t.numel(), t.shape[-1] if features else 0)
+            if flag is None:  # no floating input: nothing to blame upstream
+                self.collector.add(entry, row)
+            else:  # (RAW_WIDTH + 1,) at the host: the row, then the inputs' flag
+                self.collector.add(entry, row, flag.to(row.device))
+            if per_feature is not None and not self.per_call:
+                self.collector.add_feature_absmax(("act", name, path), per_feature)

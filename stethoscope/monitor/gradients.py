@@ -1,0 +1,198 @@
+"""Gradients and update-to-weight ratios of a sampled step.
+
+Gradients are read once per sampled step at the first of: ``after_backward()``, the optimizer's step
+pre-hook, ``optimizer.zero_grad`` or the end of the step. So a step that a ``GradScaler`` skips (its grads
+are non-finite and the optimizer never runs) is still read, and read unscaled: before the scaler unscales
+them, they are multiplied by 1/scale on the device.
+
+Update ratios compare a copy of the selected parameters taken at the step pre-hook with the parameters at
+the post-hook: ``‖Δw‖`` and ``‖w‖`` per parameter, one device row per device.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from stethoscope.collector import Entry, StepCollector
+from stethoscope.hooks import HookSet
+from stethoscope.monitor.engine import StatsEngine, no_autocast
+
+Guard = Callable[..., Any]
+
+
+class GradientReader:
+    """Reads the watched parameters' gradients and measures their updates; see the module docstring.
+
+    Args:
+        grad_params: ``(clean name, parameter)`` whose gradients are read (``stats.parameters``).
+        update_params: those whose update ratio is measured (``stats.update_ratio``).
+        scaler: the ``GradScaler`` in use, if any (held weakly).
+
+    ``read_at_optimizer_step`` is False when a framework calls ``after_backward()`` itself from a hook that
+    runs inside the optimizer's ``step()`` after its closure (Lightning): the pre-hook then only snapshots.
+    """
+
+    def __init__(self, grad_params: list[tuple[str, nn.Parameter]], update_params: list[tuple[str, nn.Parameter]],
+                 engine: StatsEngine, collector: StepCollector, guard: Guard, scaler: Any = None):
+        self.grad_params = grad_params
+        self.update_params = update_params
+        self.engine = engine
+        self.collector = collector
+        self.guard = guard
+        self.read_at_optimizer_step = True
+        self._optimizer_ref: Callable[[], Any] = lambda: None
+        self._scaler_ref = weakref.ref(scaler) if scaler is not None else None
+        self.active = False  # inside a sampled step
+        self.read_done = False
+        self.missing: list[str] = []
+        self._marks: list = []  # per watched parameter: (weakref to its grad, version) at step start
+        self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
+        self._snapshot: list[tuple[torch.device, list[str], list[torch.Tensor], list]] = []
+
+    @property
+    def scaler(self) -> Any:
+        return self._scaler_ref() if self._scaler_ref is not None else None
+
+    def attach_optimizer(self, hooks: HookSet, optimizer: torch.optim.Optimizer) -> None:
+        """Step pre/post hooks, and ``optimizer.zero_grad`` wrapped to read the gradients it would clear."""
+        self._optimizer_ref = weakref.ref(optimizer)
+        hooks.step_pre(optimizer, self._optimizer_pre_hook)
+        hooks.step_post(optimizer, self._optimizer_post_hook)
+        original = optimizer.zero_grad  # bound method; the instance attribute goes on removal
+
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            # Only a zero_grad after this step's backward: one at the top of the loop would read last
+            # step's gradients (or none) and hide the real ones from the optimizer pre-hook.
+            if self.active and not self.read_done and self.changed():
+                self.guard("zero_grad", self.read)
+            return original(*args, **kwargs)
+
+        hooks.patch(optimizer, "zero_grad", zero_grad)
+
+    # ------------------------------------------------------------------ the step
+    def begin_step(self, sampled: bool) -> None:
+        self.active = sampled
+        self.read_done = False
+        self._marks = self._marks_now() if sampled else []
+        scaler = self.scaler
+        self._scaler_states = getattr(scaler, "_per_optimizer_states", None)
+        self.missing = []
+        self._snapshot = []
+
+    def end_step(self) -> list[str]:
+        """Read now if nothing did yet; the names that had no gradient."""
+        if self.active and not self.read_done:
+            self.guard("reading gradients at the end of the step", self.read)
+        self.active = False
+        return list(self.missing)
+
+    def detach(self) -> None:
+        self.grad_params = []
+        self.update_params = []
+        self._snapshot = []
+        self._marks = []
+        self._scaler_states = None
+        self._scaler_ref = None
+        self._optimizer_ref = lambda: None
+        self.active = False
+
+    # ------------------------------------------------------------------ gradients
+    def _inverse_scale(self) -> torch.Tensor | None:
+        """1/scale when a GradScaler is in use and has not unscaled this optimizer's grads yet."""
+        scaler = self.scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return None
+        opt = self._optimizer_ref()
+        try:
+            from torch.amp.grad_scaler import OptState
+
+            states = scaler._per_optimizer_states
+            if states is not self._scaler_states:
+                return None  # scaler.update() ran in this step (it resets the states): already unscaled
+            state = states.get(id(opt)) if opt is not None else None
+            if state is not None and state["stage"] is not OptState.READY:
+                return None  # already unscaled (or stepped)
+            scale = scaler._scale
+        except Exception:
+            return None
+        if scale is None:
+            return None
+        return scale.double().reciprocal().float()
+
+    def _marks_now(self) -> list:
+        """Which gradient tensor each watched parameter holds now, and its version (no host sync)."""
+        return [None if (g := p.grad) is None else (weakref.ref(g), g._version) for _, p in self.grad_params]
+
+    def changed(self) -> bool:
+        """True when a backward pass has written a gradient since the step began."""
+        for (_, p), mark in zip(self.grad_params, self._marks, strict=False):
+            g = p.grad
+            if g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version):
+                return True
+        return False
+
+    def read(self) -> None:
+        """Queue each watched gradient's statistics row (once per step)."""
+        if self.read_done:
+            return
+        self.read_done = True
+        inv = self._inverse_scale()
+        for name, p in self.grad_params:
+            g = p.grad
+            if g is None:
+                self.missing.append(name)
+                continue
+            if g.is_sparse:
+                g = g.coalesce().values()
+            if inv is not None:
+                g = g.float() * inv.to(g.device)
+            with no_autocast(g.device):
+                row = self.engine.compute(g, False, None)
+            self.collector.add(Entry("grad", name, "", 0, g.numel()), row)
+
+    # ------------------------------------------------------------------ updates
+    def _optimizer_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self.active:
+            return
+        self.guard("optimizer step pre-hook", self._before_optimizer_step)
+
+    def _before_optimizer_step(self) -> None:
+        # A closure optimizer (LBFGS; Lightning in fp32) enters step() before its forward and backward run:
+        # the gradients are read only once a backward has written them (else after_backward or the step's end)
+        if self.read_at_optimizer_step and self.changed():
+            self.read()
+        self._snapshot = []
+        if not self.update_params:
+            return
+        groups: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+        for name, p in self.update_params:
+            names, params = groups.setdefault(p.device, ([], []))
+            names.append(name)
+            params.append(p.detach())
+        for device, (names, params) in groups.items():
+            copies = [p.clone() for p in params]
+            norms = torch._foreach_norm(copies)
+            self._snapshot.append((device, names, copies, norms))
+
+    def _optimizer_post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._snapshot:
+            return
+        self.guard("optimizer step post-hook", self._after_optimizer_step)
+
+    def _after_optimizer_step(self) -> None:
+        by_name = dict(self.update_params)
+        for _device, names, copies, weight_norms in self._snapshot:
+            current = [by_name[n].detach() for n in names]
+            torch._foreach_sub_(copies, current)  # copies = w_before - w_after = -Δw
+            delta_norms = torch._foreach_norm(copies)
+            row = torch.cat([
+                torch.stack([d.float() for d in delta_norms]),
+                torch.stack([w.float() for w in weight_norms]),
+            ])  # (2P,): ‖Δw‖ then ‖w‖ for each parameter
+            self.collector.add(Entry("update", "", "", 0, len(names), extra={"names": names}), row)
+        self._snapshot = []
