@@ -65,7 +65,7 @@ def register_section(name: str, order: int) -> Callable[[Callable], Callable]:
     return register
 
 
-def _failed_import(name: str, exc: Exception) -> Callable[[Any], Any]:
+def _raises(exc: Exception) -> Callable[[Any], Any]:
     def build(run: Any) -> Any:
         raise exc
 
@@ -74,16 +74,16 @@ def _failed_import(name: str, exc: Exception) -> Callable[[Any], Any]:
 
 def section_builders(modules: tuple[str, ...] | None = None) -> list[SectionBuilder]:
     """Import the section modules (default: :data:`SECTION_MODULES`) and return every registered section,
-    in page order. A module that fails to import becomes a builder that raises its error, so the report shows
-    a note in its place instead of failing."""
-    failed = []
+    in page order. A module that fails to import becomes a builder that raises its error (placed last), so
+    the report shows a note in its place instead of failing."""
+    failed: dict[str, SectionBuilder] = {}
     for i, path in enumerate(SECTION_MODULES if modules is None else modules):
         try:
             importlib.import_module(path)
         except Exception as exc:
-            name = path.rsplit(".", 1)[-1]
-            if name == "report":  # stethoscope.memory.report -> memory
-                name = path.rsplit(".", 2)[-2]
-            failed.append(SectionBuilder(name, 10_000 + i, _failed_import(name, exc)))
-    builders = [b for b in _REGISTERED.values() if b.name not in {f.name for f in failed}] + failed
+            package, _, name = path.rpartition(".")
+            if name == "report":  # stethoscope.memory.report: the memory section
+                name = package.rpartition(".")[2]
+            failed[name] = SectionBuilder(name, 10_000 + i, _raises(exc))
+    builders = [b for b in _REGISTERED.values() if b.name not in failed] + list(failed.values())
     return sorted(builders, key=lambda b: b.order)

@@ -11,7 +11,7 @@ import pytest
 
 import stethoscope as st
 from stethoscope.report import build, layer_group, write_report
-from stethoscope.report.content import MAX_COLS, MAX_ROWS, TOP_N
+from stethoscope.report.model import MAX_COLS, MAX_ROWS, TOP_N
 
 from .conftest import SYNTHETIC_FINDINGS, stat_row, write_run
 
