@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stethoscope.rules.thresholds import Threshold, register_threshold
+from stethoscope.trend import theil_sen
 
 CODE = "memory.leak"
 OOM_CODE = "memory.oom"
@@ -33,20 +34,6 @@ CENSUS_PER_STEP = 0.5
 register_threshold(
     CODE, LEAK_THRESHOLD, "memory growth over memory.leak_window steps (MiB, Theil-Sen slope x span)"
 )
-
-
-def theil_sen(x: np.ndarray, y: np.ndarray) -> float:
-    """The median of the pairwise slopes ``(y[j] - y[i]) / (x[j] - x[i])`` over pairs with ``x[j] > x[i]``."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    if len(x) < 2:
-        return 0.0
-    i, j = np.triu_indices(len(x), k=1)
-    dx = x[j] - x[i]
-    keep = dx != 0
-    if not keep.any():
-        return 0.0
-    return float(np.median((y[j] - y[i])[keep] / dx[keep]))
 
 
 def steady(y: np.ndarray, segments: int = 4) -> bool:

@@ -6,6 +6,8 @@ import math
 from collections import deque
 from collections.abc import Iterable
 
+from stethoscope.trend import theil_sen as _theil_sen
+
 
 def _round(x: float) -> float | str:
     if math.isnan(x):
@@ -79,15 +81,14 @@ def median(values: list[float]) -> float:
 
 
 def theil_sen(points: list[tuple[int, float]]) -> float:
-    """Median of pairwise slopes: a trend estimate one outlier cannot move (per step)."""
-    slopes = []
-    for i in range(len(points)):
-        si, vi = points[i]
-        for j in range(i + 1, len(points)):
-            sj, vj = points[j]
-            if sj != si:
-                slopes.append((vj - vi) / (sj - si))
-    return median(slopes) if slopes else 0.0
+    """Median of pairwise slopes: a trend estimate one outlier cannot move (per step).
+
+    ``points`` are ``(step, value)`` pairs; see :func:`stethoscope.trend.theil_sen`.
+    """
+    if len(points) < 2:
+        return 0.0
+    steps, values = zip(*points, strict=True)
+    return _theil_sen(steps, values)
 
 
 def kendall_tau(points: list[tuple[int, float]]) -> float:
