@@ -9,6 +9,7 @@ rather than a :class:`~stethoscope.record.StepRecord`. ``rules.enabled`` / ``rul
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -68,86 +69,133 @@ class AttentionRule(Rule):
         return worst, head, [h for v, h in values if th.severity(v)]
 
 
-class RowSum(AttentionRule):
-    code = "attn.row_sum"
-    summary = "attention probability rows sum to 1 (within attention.row_sum_tol)"
-    thresholds: ClassVar[dict[str, Threshold]] = {"attn.row_sum": Threshold(1e-3, 1e-2)}
+@dataclass(frozen=True)
+class Invariant:
+    """One per-head invariant of attention probabilities, as a row of :data:`INVARIANTS`.
+
+    The rule it drives takes, per module, the worst head of the per-head statistic ``key`` (see
+    :func:`stethoscope.attention.checks.summarize`) over the heads that had rows to check, and judges it
+    against ``threshold``; ``data`` lists the heads at a threshold level.
+
+    Attributes:
+        code: the finding code (and the threshold key).
+        key: the per-head statistic judged.
+        summary: one line saying what it watches.
+        threshold: the default levels.
+        message: a :meth:`str.format` template with ``name`` (the module), ``worst`` (the worst value),
+            ``head`` (its head), ``heads`` (the heads at a level, listed) and ``method`` (how the
+            probabilities were obtained).
+        hint: what usually fixes it.
+        applies: which modules it judges (all of them by default).
+    """
+
+    code: str
+    key: str
+    summary: str
+    threshold: Threshold
+    message: str
+    hint: str
+    applies: Callable[[ModuleAttention], bool] = lambda m: True
+
+
+INVARIANTS: tuple[Invariant, ...] = (
+    Invariant(
+        code="attn.row_sum",
+        key="row_sum_error",
+        summary="attention probability rows sum to 1 (within attention.row_sum_tol)",
+        threshold=Threshold(1e-3, 1e-2),
+        message=(
+            "attention rows of {name} do not sum to 1: |row sum - 1| reaches {worst:.3g} in head {head}"
+            " (heads {heads}; probabilities from {method})"
+        ),
+        hint=(
+            "a softmax row must sum to 1. Usual causes: the mask applied after the softmax (multiplying or "
+            "filling probabilities instead of adding -inf to the scores), the softmax taken over the wrong "
+            "axis (dim=-2 instead of -1), or a renormalisation/dropout applied before the weights are read"
+        ),
+    ),
+    Invariant(
+        code="attn.causal_leak",
+        key="causal_leak",
+        summary="a causal attention puts probability on future keys",
+        threshold=Threshold(1e-3, 1e-2),
+        message=(
+            "{name} is causal but its queries attend to future positions: up to {worst:.1%} of a row's "
+            "attention is on later tokens (head {head}; heads {heads})"
+        ),
+        hint=(
+            "the causal mask is missing or misaligned: fill the scores above the diagonal with -inf before the "
+            "softmax (masked_fill(~tril, -inf)), or pass is_causal=True / a causal 4-D mask to the attention "
+            "kernel. A model that sees the future trains to a suspiciously low loss and fails at generation. "
+            "stethoscope.attention.check_causality(model, input_ids) confirms it from the outputs"
+        ),
+        applies=lambda m: m.causal,
+    ),
+    Invariant(
+        code="attn.padding_leak",
+        key="padding_mass",
+        summary="attention probability on padding positions of the input",
+        threshold=Threshold(1e-3, 1e-2),
+        message=(
+            "{name} attends to padding: up to {worst:.1%} of a row's attention is on positions the input's "
+            "attention_mask marks as padding (head {head}; heads {heads})"
+        ),
+        hint=(
+            "the padding mask does not reach this attention: pass attention_mask to the model (not only to the "
+            "tokenizer), check it is 1 for tokens and 0 for padding, and that a custom attention adds it to the "
+            "scores before the softmax. Padding that leaks makes outputs depend on the batch's padding length"
+        ),
+    ),
+)
+_INVARIANT = {inv.code: inv for inv in INVARIANTS}
+
+
+class InvariantRule(AttentionRule):
+    """A rule driven by one :class:`Invariant`: a subclass names its row, which sets ``code``, ``summary``
+    and ``thresholds``."""
+
+    invariant: ClassVar[Invariant]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        inv = cls.__dict__.get("invariant")
+        if inv is not None:
+            cls.code = inv.code
+            cls.summary = inv.summary
+            cls.thresholds = {inv.code: inv.threshold}
+
+    def check_module(self, step: int | None, m: ModuleAttention) -> None:
+        inv = self.invariant
+        if not inv.applies(m):
+            return
+        found = self.worst_heads(m, inv.key)
+        if found is None:
+            return
+        worst, head, bad = found
+        self.judge(
+            m.name, worst, step,
+            message=lambda: inv.message.format(
+                name=m.name, worst=worst, head=head, heads=_heads(bad), method=m.method
+            ),
+            hint=inv.hint,
+            data={"heads": bad, "worst_head": head, "method": m.method},
+        )
+
+
+class RowSum(InvariantRule):
+    invariant = _INVARIANT["attn.row_sum"]
 
     def __init__(self, ctx: RuleContext, tol: float = 1e-3):
         super().__init__(ctx)
         self.thresholds = {self.code: Threshold(tol, max(10 * tol, 1e-2))}
 
-    def check_module(self, step, m):
-        found = self.worst_heads(m, "row_sum_error")
-        if found is None:
-            return
-        worst, head, bad = found
-        self.judge(
-            m.name, worst, step,
-            message=lambda: (
-                f"attention rows of {m.name} do not sum to 1: |row sum - 1| reaches {worst:.3g} in head {head}"
-                f" (heads {_heads(bad)}; probabilities from {m.method})"
-            ),
-            hint=(
-                "a softmax row must sum to 1. Usual causes: the mask applied after the softmax (multiplying or "
-                "filling probabilities instead of adding -inf to the scores), the softmax taken over the wrong "
-                "axis (dim=-2 instead of -1), or a renormalisation/dropout applied before the weights are read"
-            ),
-            data={"heads": bad, "worst_head": head, "method": m.method},
-        )
+
+class CausalLeak(InvariantRule):
+    invariant = _INVARIANT["attn.causal_leak"]
 
 
-class CausalLeak(AttentionRule):
-    code = "attn.causal_leak"
-    summary = "a causal attention puts probability on future keys"
-    thresholds: ClassVar[dict[str, Threshold]] = {"attn.causal_leak": Threshold(1e-3, 1e-2)}
-
-    def check_module(self, step, m):
-        if not m.causal:
-            return
-        found = self.worst_heads(m, "causal_leak")
-        if found is None:
-            return
-        worst, head, bad = found
-        self.judge(
-            m.name, worst, step,
-            message=lambda: (
-                f"{m.name} is causal but its queries attend to future positions: up to {worst:.1%} of a row's "
-                f"attention is on later tokens (head {head}; heads {_heads(bad)})"
-            ),
-            hint=(
-                "the causal mask is missing or misaligned: fill the scores above the diagonal with -inf before the "
-                "softmax (masked_fill(~tril, -inf)), or pass is_causal=True / a causal 4-D mask to the attention "
-                "kernel. A model that sees the future trains to a suspiciously low loss and fails at generation. "
-                "stethoscope.attention.check_causality(model, input_ids) confirms it from the outputs"
-            ),
-            data={"heads": bad, "worst_head": head, "method": m.method},
-        )
-
-
-class PaddingLeak(AttentionRule):
-    code = "attn.padding_leak"
-    summary = "attention probability on padding positions of the input"
-    thresholds: ClassVar[dict[str, Threshold]] = {"attn.padding_leak": Threshold(1e-3, 1e-2)}
-
-    def check_module(self, step, m):
-        found = self.worst_heads(m, "padding_mass")
-        if found is None:
-            return
-        worst, head, bad = found
-        self.judge(
-            m.name, worst, step,
-            message=lambda: (
-                f"{m.name} attends to padding: up to {worst:.1%} of a row's attention is on positions the input's "
-                f"attention_mask marks as padding (head {head}; heads {_heads(bad)})"
-            ),
-            hint=(
-                "the padding mask does not reach this attention: pass attention_mask to the model (not only to the "
-                "tokenizer), check it is 1 for tokens and 0 for padding, and that a custom attention adds it to the "
-                "scores before the softmax. Padding that leaks makes outputs depend on the batch's padding length"
-            ),
-            data={"heads": bad, "worst_head": head, "method": m.method},
-        )
+class PaddingLeak(InvariantRule):
+    invariant = _INVARIANT["attn.padding_leak"]
 
 
 class EntropyCollapse(AttentionRule):
