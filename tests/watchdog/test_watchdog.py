@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -160,19 +161,27 @@ def test_slow_getitem_between_steps_is_data_loading(run_dir):
     assert "between steps" in dumps(rd)[0].read_text()
 
 
+def watchdog_threads() -> set[threading.Thread]:
+    """The watchdog threads alive now (found by their name, not through the monitor's internals)."""
+    return {t for t in threading.enumerate() if t.name == "stethoscope-watchdog"}
+
+
 def test_no_stall_no_dump_no_finding(run_dir):
     model, rd = Net(), run_dir()
+    before = watchdog_threads()
     mon = st.Monitor(model, run_dir=rd, config=watchdog_config(stall=0.3))
+    [dog] = watchdog_threads() - before  # this monitor's own watchdog thread
     for step in range(5):
         with mon.step(step):
             model(torch.randn(2, 4)).sum().backward()
     with mon.pause():  # evaluation, checkpointing: never a stall
         model.block[1].delay = 0.7
         model(torch.randn(2, 4))
-    assert mon._watchdog is not None and mon._watchdog.running
+    assert dog.is_alive()
     mon.close()
     assert not dumps(rd) and not events(rd)
-    assert mon._watchdog is None or not mon._watchdog.running
+    assert not dog.is_alive()  # close() stopped and joined it
+    assert not watchdog_threads() - before
 
 
 def test_repeats_while_stuck(run_dir):
@@ -246,8 +255,9 @@ def test_on_stall_exit_ends_the_process_after_the_dump(tmp_path):
 
 
 def test_disabled_watchdog_starts_no_thread(run_dir):
+    before = watchdog_threads()
     mon = st.Monitor(Net(), run_dir=run_dir(), config=watchdog_config(enabled=False))
-    assert mon._watchdog is None
+    assert not watchdog_threads() - before
     mon.close()
 
 
