@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from stethoscope._strict import StrictModel, StrictRootModel, read_yaml, validate_config
 from stethoscope.errors import ConfigError
+from stethoscope.naming import patterns  # noqa: F401  (re-exported: ``stethoscope.config.patterns``)
 
 
 class SamplingConfig(StrictModel):
@@ -272,8 +273,3 @@ def load_config(config: Config | dict | str | Path | None) -> Config:
     )
 
 
-def patterns(value: str | list[str]) -> list[str]:
-    """A pattern option as a list; '' (or an empty list) means none."""
-    if isinstance(value, str):
-        return [] if value == "" else [value]
-    return [v for v in value if v != ""]

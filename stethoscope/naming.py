@@ -43,3 +43,10 @@ def make_filter(selector: Selector) -> Callable[[str], bool]:
     if "*" in pats:
         return lambda name: True
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+def patterns(value: str | list[str]) -> list[str]:
+    """A pattern option as a list; '' (or an empty list) means none."""
+    if isinstance(value, str):
+        return [] if value == "" else [value]
+    return [v for v in value if v != ""]

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stethoscope.config import SamplingConfig
+if TYPE_CHECKING:  # pragma: no cover - annotations only: this module is a leaf (rules import it)
+    from stethoscope.config import SamplingConfig
 
 Schedule = Callable[[int], bool]
 

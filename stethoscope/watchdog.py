@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any
 
 from stethoscope.errors import StethoscopeError
+from stethoscope.rules.producer import FindingProducer, ProducerContext
 
 CODE = "hang.stall"
 EXIT_CODE = 3  # the process exit status with ``on_stall: exit``
@@ -253,6 +254,9 @@ class Watchdog:
     ):
         self.hb = heartbeat
         self.findings = findings
+        # the one path of every finding (this thread's own producers: a producer is not shared across threads)
+        self._stalls = FindingProducer(ProducerContext(findings), CODE)
+        self._errors = FindingProducer(ProducerContext(findings), "monitor.error")
         self.run_dir = Path(run_dir)
         self.config = config
         self.console = console
@@ -305,18 +309,18 @@ class Watchdog:
                     self.peers.tick(self)
             except Exception as exc:  # the watchdog must never take the run down by accident
                 with contextlib.suppress(Exception):
-                    self.findings.report(
-                        "monitor.error",
+                    self._errors.propose(
                         "watchdog",
                         "warning",
                         None,
                         None,
+                        self.hb.step,
                         f"stethoscope's own code raised {type(exc).__name__}: {exc} (in watchdog); the hang "
                         "watchdog stopped",
                         "this is a stethoscope bug: please report it with data.traceback",
-                        self.hb.step,
                         data={"traceback": traceback.format_exc(), "exception": type(exc).__name__},
                     )
+                    self._errors.settle(self.hb.step)
                 return
 
     # ------------------------------------------------------------------ the check
@@ -404,9 +408,8 @@ class Watchdog:
             if ranks.get("message"):
                 message += f"; {ranks['message']}"
             data.update({k: v for k, v in ranks.items() if k != "message"})
-        self.findings.report(
-            CODE, stall.target, severity, round(idle, 3), threshold, message, hint, snap["step"], data=data
-        )
+        self._stalls.propose(stall.target, severity, round(idle, 3), threshold, snap["step"], message, hint, data)
+        self._stalls.settle(snap["step"])
         if self.console is not None:
             with contextlib.suppress(Exception):
                 from rich.markup import escape
@@ -439,8 +442,7 @@ class Watchdog:
 
     def _close(self, stall: _Stall, snap: dict, now: float) -> None:
         self.stall = None
-        self.findings.clear(
-            CODE,
+        self._stalls.release(
             stall.target,
             snap["step"] if snap["step"] is not None else stall.step,
             value=round(snap["stamp"] - stall.started, 3)

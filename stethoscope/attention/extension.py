@@ -34,10 +34,9 @@ from stethoscope.attention.checks import (
 )
 from stethoscope.attention.rules import RULES, ModuleAttention, RowSum, Sink
 from stethoscope.collector import Entry
-from stethoscope.config import patterns
 from stethoscope.extensions import Extension
 from stethoscope.hooks import is_compiling
-from stethoscope.naming import clean_name, make_filter
+from stethoscope.naming import clean_name, make_filter, patterns
 from stethoscope.rundir import SCHEMA_VERSION
 
 _METRIC_KEYS = (
@@ -124,11 +123,7 @@ class AttentionExtension(Extension):
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
     def _build_rules(run: Any, cfg: Any) -> list:
-        from stethoscope.rules.base import RuleContext
-
-        ctx = next((r.ctx for r in run.rules if hasattr(r, "ctx")), None)
-        if ctx is None:
-            ctx = RuleContext.from_run(run)
+        ctx = run.rule_context
         section = getattr(run.config, "rules", None)
         enabled = make_filter(patterns(getattr(section, "enabled", "*")))
         disabled = make_filter(patterns(getattr(section, "disabled", "")))

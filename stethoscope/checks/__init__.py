@@ -23,6 +23,7 @@ from stethoscope.checks.optimizer import check_groups, check_optimizer
 from stethoscope.checks.tokenizer import check_special_tokens, check_tokenizer_vs_model
 from stethoscope.errors import MonitorUsageError, PreflightError
 from stethoscope.findings import SEVERITY_RANK, FindingLog
+from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings
 from stethoscope.run import Finding, fold_findings
 
 __all__ = ["PREFLIGHT_CODES", "preflight"]
@@ -87,13 +88,11 @@ def preflight(
     if not isinstance(model, nn.Module):
         raise MonitorUsageError(f"preflight needs a torch.nn.Module as model, got {type(model).__name__}")
     events: list[dict] = []
-    log = FindingLog(None)
+    producers = _Producers(FindingLog(None))
 
     def report(code: str, target: str | None, severity: str, message: str, hint: str, value: Any = None,
                threshold: Any = None, data: dict | None = None) -> None:
-        event = log.report(code, target, severity, value, threshold, message, hint, None, data=data)
-        if event is not None:
-            events.append(event)
+        events.extend(producers.report(code, target, severity, value, threshold, message, hint, data))
 
     where = None
     if optimizer is not None:
@@ -136,6 +135,21 @@ def _check_config_tokens(model: Any, expected: dict[str, int], report: Any) -> N
             )
 
 
+class _Producers:
+    """One :class:`FindingProducer` per preflight code over ``log``: the findings take the one path."""
+
+    def __init__(self, log: FindingLog):
+        # every problem found is reported: preflight runs once, a cap would only hide some
+        self.ctx = ProducerContext(log, settings=RulesSettings(max_open=1 << 30))
+        self.by_code: dict[str, FindingProducer] = {}
+
+    def report(self, code: str, target: str | None, severity: str, value: Any, threshold: Any, message: str,
+               hint: str, data: dict | None) -> list[dict]:
+        producer = self.by_code.setdefault(code, FindingProducer(self.ctx, code))
+        producer.propose(target, severity, value, threshold, None, message, hint, data)
+        return producer.settle(None)
+
+
 def _record(target: Any, events: list[dict]) -> None:
     from stethoscope.monitor import Monitor
 
@@ -144,9 +158,10 @@ def _record(target: Any, events: list[dict]) -> None:
             return
         if target.closed:
             raise MonitorUsageError("preflight(run_dir=monitor): the monitor is closed; run preflight before close()")
+        into = _Producers(target.findings)
         for ev in events:
-            target.findings.report(ev["code"], ev["target"], ev["severity"], ev["value"], ev["threshold"],
-                                   ev["message"], ev["hint"], None, data=ev.get("data"))
+            into.report(ev["code"], ev["target"], ev["severity"], ev["value"], ev["threshold"], ev["message"],
+                        ev["hint"], ev.get("data"))
         return
     from stethoscope import rundir as rd
 

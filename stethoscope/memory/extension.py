@@ -40,7 +40,7 @@ from stethoscope.memory.readings import RssReader, cuda_figures, cuda_total, mib
 from stethoscope.memory.tensors import Accumulation, Snapshot, compare, describe_largest, snapshot
 from stethoscope.naming import clean_name
 from stethoscope.record import StepRecord
-from stethoscope.rules.thresholds import ThresholdResolver
+from stethoscope.rules.producer import FindingProducer
 
 RSS = "process.rss"
 AFTER_EPOCH_STEPS = 5  # an OOM this many steps after an epoch began is "after the epoch transition"
@@ -90,7 +90,8 @@ class MemoryExtension(Extension):
         self.series: dict[str, _Series] = {RSS: _Series(RSS, cfg.leak_window)}
         if self.device is not None:
             self.series[f"{self.device}.allocated"] = _Series(f"{self.device}.allocated", cfg.leak_window)
-        self.resolver = ThresholdResolver(run.config.thresholds)
+        self.leaks = FindingProducer(run.rule_context, CODE)  # memory.leak, through the one settle step
+        self.ooms = FindingProducer(run.rule_context, OOM_CODE)
         self.check_every = max(1, cfg.leak_window // 10)
         self.investigations_left = cfg.snapshots
         self.pending: dict | None = None  # a leak investigation waiting for its second snapshot
@@ -197,19 +198,19 @@ class MemoryExtension(Extension):
 
     # ------------------------------------------------------------------ leaks
     def _check(self, step: int) -> None:
-        findings = self._run.findings
+        leaks = self.leaks
         for target, s in self.series.items():
             if not s.full:
                 continue
             g = s.judge()
-            th = self.resolver.resolve(CODE, target)
+            th = leaks.threshold(target)
             sev = th.severity(g.growth_mib) if g.steady else None
             if sev is None:
                 # closes only once the growth itself is small (a noisy quarter alone does not close it)
-                if findings.is_open(CODE, target) and th.healthy(max(g.growth_mib, 0.0), 0.5):
-                    findings.clear(CODE, target, step, round(g.growth_mib, 2))
+                if leaks.is_open(target) and th.healthy(max(g.growth_mib, 0.0), 0.5):
+                    leaks.release(target, step, round(g.growth_mib, 2))
                 continue
-            if findings.is_open(CODE, target):
+            if leaks.is_open(target):
                 self._emit(target, sev, g, th.shown, step, None)
             elif self.pending is not None:
                 self.pending["targets"].setdefault(target, (sev, g, th.shown))
@@ -237,10 +238,10 @@ class MemoryExtension(Extension):
         steps = step - prev.step
         acc = compare(prev, snap, steps)
         grown = sum(r["count_growth"] for r in acc.rows if r["holds"].startswith("graph:"))
-        findings = self._run.findings
+        leaks = self.leaks
         if acc.pattern is None or (acc.pattern == "append" and grown < max(8, CENSUS_PER_STEP * steps)):
-            if findings.is_open(CODE, GRAPHS):  # the pile stopped growing
-                findings.clear(CODE, GRAPHS, step, grown)
+            if leaks.is_open(GRAPHS):  # the pile stopped growing
+                leaks.release(GRAPHS, step, grown)
             return
         per_step = grown / max(1, steps)
         message = (
@@ -249,8 +250,9 @@ class MemoryExtension(Extension):
         )
         data = {"window": [prev.step, step], "graph_holders_gained": grown, "per_step": round(per_step, 3),
                 "accumulating": acc.rows, "pattern": acc.pattern, "rss_bytes": self.last.get(RSS)}
-        findings.report(CODE, GRAPHS, "warning", grown, round(CENSUS_PER_STEP * steps), message,
-                            acc.hint or _GENERIC_HINT, step, data=data)
+        leaks.propose(GRAPHS, "warning", grown, round(CENSUS_PER_STEP * steps), step, message,
+                      acc.hint or _GENERIC_HINT, data)
+        leaks.settle(step)
 
     def _snapshot(self, step: int) -> Snapshot | None:
         try:
@@ -306,8 +308,8 @@ class MemoryExtension(Extension):
             data["pattern"] = acc.pattern
         elif first is not None:
             data["largest_tensors"] = first.largest[:5]
-        self._run.findings.report(CODE, target, severity, round(g.growth_mib, 2), shown, message, hint, step,
-                                  data=data)
+        self.leaks.propose(target, severity, round(g.growth_mib, 2), shown, step, message, hint, data)
+        self.leaks.settle(step)
 
     # ------------------------------------------------------------------ out of memory
     def _on_oom(self, step: int, exc: BaseException) -> None:
@@ -381,11 +383,12 @@ class MemoryExtension(Extension):
         message = f"out of memory in step {step} {where_text}: {type(exc).__name__}: {first_line}"
         if after_epoch:
             message += f" ({step - self.epoch_step} step(s) after epoch {self.epoch} began)"
-        run.findings.report(
-            OOM_CODE, module if module and module != "<model>" else None, "critical",
-            round(req / 2**20, 1) if req else None, None, message,
-            "; ".join(fixes[:4]) + f" (all remedies and the largest tensors in {path.name})", step, data=data,
+        self.ooms.propose(
+            module if module and module != "<model>" else None, "critical",
+            round(req / 2**20, 1) if req else None, None, step, message,
+            "; ".join(fixes[:4]) + f" (all remedies and the largest tensors in {path.name})", data,
         )
+        self.ooms.settle(step)
         logging.getLogger("stethoscope.memory").debug("memory.oom finding written, dump %s", path.name)
 
     # ------------------------------------------------------------------ end of run

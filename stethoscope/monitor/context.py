@@ -13,7 +13,9 @@ What it offers:
 * ``hooks(owner)``: a :class:`~stethoscope.hooks.HookSet` the monitor also removes when it lets go;
 * ``queue(entry, row)``: a device row for this step's one transfer (it comes back in the step record's
   ``extras``); ``write_metrics(row)`` / ``flush_metrics()``: rows in ``metrics.jsonl``;
-* ``findings``: the finding log; ``rules``: the running rules; ``extension(name)``;
+* ``rule_context``: what a :class:`~stethoscope.rules.producer.FindingProducer` needs — every finding is
+  proposed through one and written at its ``settle`` (``findings`` is the log, for reading);
+* ``rules``: the running rules; ``extension(name)``;
 * ``write_meta(status, error)``: rewrite ``meta.json`` (a crash seen outside a step, e.g. SIGTERM).
 """
 
@@ -49,6 +51,7 @@ class RunContext:
         self.schedule = monitor.schedule
         self.heartbeat: Heartbeat = monitor.heartbeat
         self.findings: FindingLog = monitor.findings
+        self._rule_context: Any = None
 
     # ------------------------------------------------------------------ what the run is doing
     @property
@@ -111,6 +114,17 @@ class RunContext:
         return mon._watchdog if mon is not None else None
 
     @property
+    def rule_context(self) -> Any:
+        """The :class:`~stethoscope.rules.base.RuleContext` every producer of this run shares (built once, on
+        first use: the model is inspected then). Give it to a
+        :class:`~stethoscope.rules.producer.FindingProducer` to report findings."""
+        if self._rule_context is None:
+            from stethoscope.rules.base import RuleContext
+
+            self._rule_context = RuleContext.from_run(self)
+        return self._rule_context
+
+    @property
     def rules(self) -> tuple:
         """The rules the monitor runs, in their order."""
         mon = self._monitor()
@@ -125,13 +139,13 @@ class RunContext:
     def guard(self, where: str, fn: Callable, *args: Any) -> Any:
         """``fn(*args)`` under ``no_grad``; an exception becomes one ``monitor.error`` finding (returns None)."""
         mon = self._monitor()
-        return mon._guard(where, fn, *args) if mon is not None else None
+        return mon._errors(where, fn, *args) if mon is not None else None
 
     def record_error(self, where: str, exc: BaseException) -> None:
         """Report ``exc`` raised by stethoscope's own code at ``where`` (once per place)."""
         mon = self._monitor()
         if mon is not None:
-            mon._record_error(where, exc)
+            mon._errors.record(where, exc)
 
     def hooks(self, owner: str) -> HookSet:
         """A new :class:`HookSet` for ``owner``; the monitor removes it too when it lets go of the model."""

@@ -36,13 +36,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from stethoscope import rundir as rd
 from stethoscope.collector import StepCollector
-from stethoscope.config import Config, load_config, patterns
+from stethoscope.config import Config, load_config
 from stethoscope.console import get_console
 from stethoscope.errors import CriticalFindingError, MonitorClosedError, MonitorUsageError
 from stethoscope.findings import FindingLog
@@ -53,10 +52,17 @@ from stethoscope.monitor.engine import StatsEngine
 from stethoscope.monitor.forward import ForwardObserver
 from stethoscope.monitor.gradients import GradientReader
 from stethoscope.monitor.guard import ErrorGuard
-from stethoscope.monitor.meta import MetaWriter, default_run_dir, disabled_by_env, dist_rank
+from stethoscope.monitor.meta import (
+    MetaWriter,
+    check_arguments,
+    disabled_by_env,
+    dist_rank,
+    prepare_run_dir,
+    write_outputs,
+)
 from stethoscope.monitor.pipeline import RecordPipeline
-from stethoscope.monitor.records import MetricsWriter
-from stethoscope.naming import clean_name, make_filter
+from stethoscope.monitor.records import MetricsWriter, scalar_value
+from stethoscope.naming import clean_name, make_filter, patterns
 from stethoscope.sampling import Schedule, schedule_from_config
 
 
@@ -99,22 +105,11 @@ class Monitor:
         if self.disabled:
             self.run_dir = None
             return
-        if not isinstance(model, nn.Module):
-            raise MonitorUsageError(f"Monitor needs a torch.nn.Module as model, got {type(model).__name__}")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise MonitorUsageError(
-                f"optimizer must be a torch.optim.Optimizer (or None), got {type(optimizer).__name__}"
-            )
-        if schedule is not None and not callable(schedule):
-            raise MonitorUsageError(f"schedule must be a callable step -> bool, got {schedule!r}")
+        check_arguments(model, optimizer, schedule)
         self.config = cfg = load_config(config)
         self.schedule: Schedule = schedule if schedule is not None else schedule_from_config(cfg.sampling)
         self.rank, self.world_size = dist_rank()
-        base = Path(run_dir) if run_dir is not None else default_run_dir()
-        if self.rank is not None:
-            base = base / f"rank{self.rank}"
-        self.run_dir = rd.prepare(base, resume)
-        self._resumed = resume and (self.run_dir / rd.META).is_file()
+        self.run_dir, self._resumed = prepare_run_dir(run_dir, resume, self.rank)
 
         self._model_ref: Callable[[], nn.Module | None] = weakref.ref(model)
         self._optimizer_ref: Callable[[], Any] = weakref.ref(optimizer) if optimizer is not None else _none
@@ -125,25 +120,19 @@ class Monitor:
         # forgotten monitor (and its hooks) alive
         self.findings = FindingLog(self._findings_writer, rank=self.rank,
                                    on_open=_weak_method(self._on_finding_open))
-        self._errors = ErrorGuard(self.findings, _weak_method(self._current_step))
+        self._errors = ErrorGuard(self.findings, _weak_attr(self, "_step"))
         self._metrics = MetricsWriter(self.run_dir / rd.METRICS, cfg.storage.max_metrics_mb, self.findings)
         self._meta = MetaWriter(self.run_dir, self._resumed, cfg, self.schedule, self.rank, self.world_size)
         self._collector = StepCollector(cfg.stats.eps)
         self._console = get_console()
         self._pipeline = RecordPipeline(cfg, self._collector, self._metrics, self.findings, self._errors,
-                                        self._console, self.run_dir, _weak_method(self._current_epoch),
+                                        self._console, self.run_dir, _weak_attr(self, "_epoch"),
                                         _weak_method(self.state_dict))
         guard = self._errors  # holds no reference to the monitor: hooks may keep it
-        engine = StatsEngine(cfg.stats, on_error=self._errors.record)
-        self._engine = engine
-        profile = None
-        if cfg.trace.profile:
-            from stethoscope.trace import ModuleProfile
-
-            profile = ModuleProfile()  # module times on sampled steps (profile.json)
-        self._profile = profile
+        self._engine = engine = StatsEngine(cfg.stats, on_error=guard.record)
+        self._profile = _profile(cfg)  # module times on sampled steps (profile.json), or None
         self._forward = ForwardObserver(self.heartbeat, engine, self._collector, cfg.stats.per_call, guard,
-                                        profile)
+                                        self._profile)
         self._gradients = GradientReader(*_watched_params(model, cfg), engine, self._collector, guard, scaler)
         self._crash_error: str | None = None
         self._step: int | None = None
@@ -211,24 +200,11 @@ class Monitor:
         return sum(len(h) for h in self._hook_sets)
 
     # ------------------------------------------------------------------ errors
-    def _guard(self, where: str, fn: Callable, *args: Any) -> Any:
-        """Run ``fn``; an exception becomes one ``monitor.error`` finding and training goes on."""
-        return self._errors(where, fn, *args)
-
     def record_error(self, where: str, exc: BaseException) -> None:
         """Report an exception raised by stethoscope's own code (or an integration's) at ``where``: one
         ``monitor.error`` finding per place, and training goes on."""
         if not self.disabled:
             self._errors.record(where, exc)
-
-    def _record_error(self, where: str, exc: BaseException) -> None:
-        self._errors.record(where, exc)
-
-    def _current_step(self) -> int | None:
-        return self._step
-
-    def _current_epoch(self) -> int | None:
-        return self._epoch
 
     def _on_finding_open(self, event: dict) -> None:
         self._pipeline.on_finding_open(event)
@@ -277,7 +253,7 @@ class Monitor:
         try:
             scheduled = bool(self.schedule(step))
         except Exception as exc:
-            self._record_error("schedule", exc)
+            self._errors.record("schedule", exc)
             scheduled = False
         self._sampled = self._pipeline.take_anomaly() or scheduled
         self._gradients.begin_step(self._sampled)
@@ -290,7 +266,7 @@ class Monitor:
         hb.step_started = hb.stamp = time.monotonic()
         self._forward.sampling = self._sampled and not hb.paused
         for ext in self._extensions:
-            self._guard(f"extension {ext.name}", ext.begin_step, step, self._sampled)
+            self._errors(f"extension {ext.name}", ext.begin_step, step, self._sampled)
 
     def _end_step(self, failed: BaseException | None) -> None:
         step = self._step
@@ -307,7 +283,7 @@ class Monitor:
             else:
                 self._crash_error = None  # a later step went through: the run did not end there
             for ext in self._extensions:
-                self._guard(f"extension {ext.name}", ext.end_step, step, failed)
+                self._errors(f"extension {ext.name}", ext.end_step, step, failed)
         finally:
             self._last_step = step
             self._step = None
@@ -319,7 +295,7 @@ class Monitor:
         if self.disabled or self._closed:
             return
         if self._step is not None and self._gradients.active:
-            self._guard("after_backward", self._gradients.read)
+            self._errors("after_backward", self._gradients.read)
 
     def log(self, **scalars: Any) -> None:
         """Record scalars (floats or 0-dim tensors) for the current or just-finished step, without a sync."""
@@ -328,18 +304,7 @@ class Monitor:
         if self._closed:
             raise MonitorClosedError("Monitor.log() was called after close()")
         for key, value in scalars.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise MonitorUsageError(
-                        f"mon.log({key}=...) needs a number or a one-element tensor, got shape "
-                        f"{tuple(value.shape)}"
-                    )
-                value = value.detach().reshape(())
-            elif not isinstance(value, int | float | np.floating | np.integer):
-                raise MonitorUsageError(
-                    f"mon.log({key}=...) needs a number or a one-element tensor, got {type(value).__name__}"
-                )
-            self._pipeline.scalars[key] = value
+            self._pipeline.scalars[key] = scalar_value(key, value)
 
     def epoch(self, n: int) -> None:
         """Mark the start of epoch ``n`` (memory and loss plots show the boundary)."""
@@ -464,36 +429,26 @@ class Monitor:
         self._closed = True
         stop_error = None
         if self._watchdog is not None:  # before the findings file closes; a resolved stall is closed
-            self._guard("stopping the watchdog", self._watchdog.stop, status != "crashed")
+            self._errors("stopping the watchdog", self._watchdog.stop, status != "crashed")
         if self._profile is not None and self._profile.steps:
-            self._guard("writing profile.json", self._profile.write, self.run_dir)
+            self._errors("writing profile.json", self._profile.write, self.run_dir)
         try:
             try:
                 self._flush(final=True)
             except CriticalFindingError as err:
                 stop_error = err
             for rule in self._rules:
-                self._guard(f"rule {getattr(rule, 'name', type(rule).__name__)}", rule.finish,
-                            self._last_step)
+                self._errors(f"rule {getattr(rule, 'name', type(rule).__name__)}", _finish_rule, rule,
+                             self._last_step)
             for ext in self._extensions:
-                self._guard(f"extension {ext.name}", ext.close, status)
-            self._guard("saving monitor state", self._pipeline.save_state)
+                self._errors(f"extension {ext.name}", ext.close, status)
+            self._errors("saving monitor state", self._pipeline.save_state)
             self._write_meta(status)
         finally:
             self._detach()
             self._metrics.close()
             self._findings_writer.close()
-        try:
-            if self.config.report.enabled:
-                from stethoscope.report import write_report
-
-                write_report(self.run_dir, plots=self.config.report.plots)
-        except Exception as exc:  # the report must not turn a finished run into a crash
-            self._console.print(f"[yellow]stethoscope: could not write the report: {exc}[/]")
-        if not self._quiet:
-            from stethoscope.report import print_summary
-
-            print_summary(self.run_dir, console=self._console)
+        write_outputs(self.run_dir, self.config, self._console)
         if stop_error is not None:
             raise stop_error
 
@@ -540,6 +495,28 @@ class Monitor:
 
 def _none() -> None:
     return None
+
+
+def _finish_rule(rule: Any, last_step: int | None) -> None:
+    """A rule's last word at close, written like every other (through its ``settle``)."""
+    rule.finish(last_step)
+    settle = getattr(rule, "settle", None)
+    if callable(settle):
+        settle(last_step)
+
+
+def _profile(cfg: Config) -> Any:
+    if not cfg.trace.profile:
+        return None
+    from stethoscope.trace import ModuleProfile
+
+    return ModuleProfile()
+
+
+def _weak_attr(obj: Any, attr: str) -> Callable[[], Any]:
+    """Reads ``obj.attr`` through a weak reference (None once ``obj`` is gone)."""
+    ref = weakref.ref(obj)
+    return lambda: getattr(ref(), attr, None)
 
 
 def _watched_params(model: nn.Module, cfg: Config) -> tuple[list, list]:

@@ -17,6 +17,7 @@ import torch
 
 from stethoscope.errors import CriticalFindingError
 from stethoscope.findings import FindingLog
+from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings
 
 CODE = "monitor.error"
 
@@ -30,7 +31,8 @@ class ErrorGuard:
     """
 
     def __init__(self, findings: FindingLog, step: Callable[[], int | None]):
-        self.findings = findings
+        # every place that failed is reported: no cap on open monitor.error findings
+        self._producer = FindingProducer(ProducerContext(findings, settings=RulesSettings(max_open=1 << 30)), CODE)
         self.step = step
         self._seen: set[str] = set()
 
@@ -52,12 +54,14 @@ class ErrorGuard:
         self._seen.add(where)
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=6))
         with contextlib.suppress(Exception):  # the findings file itself failed
-            self.findings.report(
-                CODE, where, "warning", None, None,
+            step = self.step()
+            self._producer.propose(
+                where, "warning", None, None, step,
                 f"stethoscope's own code raised {type(exc).__name__}: {exc} (in {where}); "
                 "training continues without that measurement",
                 "this is a stethoscope bug, not a problem in your model: please report it with the "
                 "traceback in this finding's `data.traceback`. To skip a module meanwhile, leave it out of "
                 "stats.modules (a list of patterns or a predicate)",
-                self.step(), data={"traceback": tb, "exception": type(exc).__name__},
+                {"traceback": tb, "exception": type(exc).__name__},
             )
+            self._producer.settle(step)

@@ -47,6 +47,46 @@ def default_run_dir() -> Path:
     return path
 
 
+def check_arguments(model: Any, optimizer: Any, schedule: Any) -> None:
+    """A typed error naming the bad argument, before anything is written."""
+    from stethoscope.errors import MonitorUsageError
+
+    if not isinstance(model, nn.Module):
+        raise MonitorUsageError(f"Monitor needs a torch.nn.Module as model, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise MonitorUsageError(
+            f"optimizer must be a torch.optim.Optimizer (or None), got {type(optimizer).__name__}"
+        )
+    if schedule is not None and not callable(schedule):
+        raise MonitorUsageError(f"schedule must be a callable step -> bool, got {schedule!r}")
+
+
+def prepare_run_dir(run_dir: str | Path | None, resume: bool, rank: int | None) -> tuple[Path, bool]:
+    """(the run directory, created or checked, ``rank{N}/`` under it when distributed; whether it resumes
+    an earlier run)."""
+    base = Path(run_dir) if run_dir is not None else default_run_dir()
+    if rank is not None:
+        base = base / f"rank{rank}"
+    path = rd.prepare(base, resume)
+    return path, resume and (path / rd.META).is_file()
+
+
+def write_outputs(run_dir: Path, config: Any, console: Any) -> None:
+    """At close: ``report.html`` / ``report.md`` (when ``report.enabled``) and the console summary (unless
+    ``console.quiet``). A failing report is a console line, never an exception: the run itself finished."""
+    try:
+        if config.report.enabled:
+            from stethoscope.report import write_report
+
+            write_report(run_dir, plots=config.report.plots)
+    except Exception as exc:
+        console.print(f"[yellow]stethoscope: could not write the report: {exc}[/]")
+    if not config.console.quiet:
+        from stethoscope.report import print_summary
+
+        print_summary(run_dir, console=console)
+
+
 def model_summary(model: nn.Module | None) -> dict:
     """Class, parameter counts, module count, dtypes and devices (empty once the model is gone)."""
     if model is None:

@@ -11,13 +11,35 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
 
 from stethoscope import rundir as rd
 from stethoscope.collector import Entry, merge_stats
 from stethoscope.console import SEVERITY_STYLE
+from stethoscope.errors import MonitorUsageError
 from stethoscope.findings import FindingLog
 from stethoscope.record import ActRecord, GradRecord, StepRecord, UpdateRecord
+from stethoscope.rules.producer import FindingProducer, ProducerContext
 from stethoscope.stats import RAW_WIDTH
+
+
+def scalar_value(key: str, value: Any) -> Any:
+    """A value ``mon.log(key=value)`` accepts: a number, or a one-element tensor kept on its device (read
+    at the flush, with the step's rows: no sync here)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise MonitorUsageError(
+                f"mon.log({key}=...) needs a number or a one-element tensor, got shape {tuple(value.shape)}"
+            )
+        return value.detach().reshape(())
+    if not isinstance(value, int | float | np.floating | np.integer):
+        raise MonitorUsageError(
+            f"mon.log({key}=...) needs a number or a one-element tensor, got {type(value).__name__}"
+        )
+    return value
 
 
 def build_record(step: int | None, pending: dict | None, entries: list[Entry], rows: list, dead: dict,
@@ -80,7 +102,7 @@ class MetricsWriter:
     def __init__(self, path: Path, max_mb: float, findings: FindingLog):
         self._writer = rd.JsonlWriter(path)
         self.max_mb = max_mb
-        self.findings = findings
+        self._storage = FindingProducer(ProducerContext(findings), "monitor.storage")
         self.capped = False
 
     def write_row(self, row: dict) -> None:
@@ -100,11 +122,12 @@ class MetricsWriter:
         capped = w.bytes > self.max_mb * 1e6
         if capped and not self.capped:
             self.capped = True
-            self.findings.report(
-                "monitor.storage", "metrics.jsonl", "info", round(w.bytes / 1e6, 1), self.max_mb,
+            self._storage.propose(
+                "metrics.jsonl", "info", round(w.bytes / 1e6, 1), self.max_mb, record.step,
                 "metrics.jsonl reached storage.max_metrics_mb; from now on only scalar rows are written",
                 "raise storage.max_metrics_mb, sample less often (sampling.every), or narrow "
-                "stats.modules / stats.parameters", record.step)
+                "stats.modules / stats.parameters")
+            self._storage.settle(record.step)
         if not capped:
             for rec in record.acts.values():
                 w.write(base | {"kind": "act", "name": rec.name, "output": rec.output, "calls": rec.calls,

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stethoscope.config import patterns
-from stethoscope.naming import make_filter
+from stethoscope.naming import make_filter, patterns
 
 # The built-in rules register themselves on import (their run order is their ``order`` attribute).
 from stethoscope.rules import acts, grads, numerics, updates  # noqa: F401  (registration)
@@ -64,7 +63,7 @@ def default_rules(run: Any) -> list[Rule]:
     A rule that fails to build is reported as ``monitor.error`` and left out; the rest still run.
     """
     try:
-        ctx = RuleContext.from_run(run)
+        ctx = run.rule_context
     except Exception as exc:  # never break the training we watch
         run.record_error("rules (inspecting the model)", exc)
         return []

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from stethoscope.config import patterns
-from stethoscope.naming import make_filter
+from stethoscope.naming import make_filter, patterns
 from stethoscope.record import ActRecord, StepRecord
 from stethoscope.rules import hints as H
 from stethoscope.rules._series import Series, mean

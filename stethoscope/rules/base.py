@@ -23,41 +23,18 @@ clear of the warning level (with a little hysteresis). Everything a rule keeps b
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from stethoscope.findings import SEVERITY_RANK, FindingLog
 from stethoscope.record import StepRecord
 from stethoscope.rules.model_info import ModelInfo
+from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings, Text
 from stethoscope.rules.thresholds import Threshold, ThresholdResolver, register_threshold
 
-Text = str | Callable[[], str]
-
 
 @dataclass
-class RulesSettings:
-    """The config's ``rules:`` section as plain values (defaults when the section is absent)."""
-
-    window: int = 20
-    smoothing: int = 3
-    min_history: int = 5
-    min_rows: int = 16
-    max_open: int = 8
-    explain_normal: bool = False
-    saturation_modules: str | list[str] = "auto"
-
-    @classmethod
-    def from_config(cls, config: Any) -> RulesSettings:
-        section = getattr(config, "rules", None)
-        if section is None:
-            return cls()
-        return cls(**{k: getattr(section, k) for k in cls.__dataclass_fields__ if hasattr(section, k)})
-
-
-@dataclass
-class RuleContext:
+class RuleContext(ProducerContext):
     """What a rule may use: the finding log, thresholds, settings, and plain facts about the model.
 
     Attributes:
@@ -71,13 +48,9 @@ class RuleContext:
             origin of a NaN, so ``grad.nonfinite`` can point at it).
     """
 
-    findings: FindingLog
-    resolver: ThresholdResolver = field(default_factory=ThresholdResolver)
-    settings: RulesSettings = field(default_factory=RulesSettings)
     info: ModelInfo = field(default_factory=ModelInfo)
     eps: float = 1e-8
     saturation: float = 3.0
-    shared: dict = field(default_factory=dict)
     _optimizer: Callable[[], Any] | None = None  # a weak way to the live learning rates
 
     @classmethod
@@ -121,7 +94,7 @@ class RuleContext:
         self._optimizer = None
 
 
-class Rule:
+class Rule(FindingProducer):
     """Base class of every health rule (built-in or yours). Subclass, set ``code``, implement ``check``.
 
     Class attributes:
@@ -147,9 +120,8 @@ class Rule:
     order: ClassVar[int] = 100
 
     def __init__(self, ctx: RuleContext):
-        self.ctx = ctx
+        super().__init__(ctx)
         self.name = self.code
-        self._candidates: list[tuple] = []
 
     # ------------------------------------------------------------------ the lifecycle (override check)
     def observe(self, record: StepRecord) -> None:
@@ -159,10 +131,11 @@ class Rule:
         self.settle(record.step)
 
     def check(self, record: StepRecord) -> None:
-        """Look at one step and call :meth:`judge` (or :meth:`emit` / :meth:`release`) per target."""
+        """Look at one step and call :meth:`judge` (or :meth:`propose` / :meth:`release`) per target."""
 
     def finish(self, last_step: int | None) -> None:
-        """Called once at ``close()``; findings still open stay open (they held until the end)."""
+        """Called once at ``close()`` (then :meth:`settle`); findings still open stay open (they held until
+        the end)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -182,51 +155,6 @@ class Rule:
     def info(self) -> ModelInfo:
         return self.ctx.info
 
-    def threshold(self, target: str | None, key: str | None = None) -> Threshold:
-        """The resolved levels of ``key`` (default: the rule's first threshold key) for ``target``."""
-        key = key or next(iter(self.thresholds), self.code)
-        return self.ctx.resolver.resolve(key, target, self.thresholds.get(key))
-
-    def is_open(self, target: str | None) -> bool:
-        return self.ctx.findings.is_open(self.code, target)
-
-    def open_targets(self) -> list[str | None]:
-        # a snapshot first: the watchdog thread may open a finding meanwhile
-        return [f.target for f in list(self.ctx.findings.open.values()) if f.code == self.code]
-
-    def judge(
-        self,
-        target: str | None,
-        value: float | None,
-        step: int | None,
-        message: Text,
-        hint: Text,
-        key: str | None = None,
-        data: dict | None = None,
-        severity: str | None = None,
-    ) -> str | None:
-        """Compare ``value`` with the resolved threshold and open/update/close the finding on ``target``.
-
-        ``message`` and ``hint`` may be callables, formatted only when a finding is written. ``severity``
-        overrides the computed one (e.g. to lower a critical to a warning for a known-benign case).
-        Returns the severity reached, or None. New findings are emitted by :meth:`settle` (the monitor
-        calls it after ``check``), worst first, at most ``rules.max_open`` open per rule.
-        """
-        th = self.threshold(target, key)
-        sev = th.severity(value)
-        if sev is not None and severity is not None:
-            sev = severity
-        if sev is None:
-            if value is not None and th.healthy(float(value), self.clear_factor):
-                self.release(target, step, value)
-            return None
-        self._candidates.append((sev, _badness(value, th, sev), target, value, th, message, hint, data))
-        return sev
-
-    def release(self, target: str | None, step: int | None, value: Any = None) -> None:
-        """The condition on ``target`` no longer holds: close its finding if one is open."""
-        self.ctx.findings.clear(self.code, target, step, value)
-
     def emit(
         self,
         target: str | None,
@@ -238,86 +166,10 @@ class Rule:
         hint: Text,
         data: dict | None = None,
         higher_is_worse: bool = True,
-    ) -> dict | None:
-        """Write a finding event right away (no threshold lookup, no cap)."""
-        return self.ctx.findings.report(
-            self.code,
-            target,
-            severity,
-            _plain(value),
-            _plain(threshold),
-            _text(message),
-            _text(hint),
-            step,
-            data=data,
-            higher_is_worse=higher_is_worse,
-        )
-
-    def note(self, target: str | None, step: int | None, value: Any, message: Text) -> None:
-        """An ``info`` finding explaining that something that looks wrong is normal.
-
-        Written only with ``rules.explain_normal: true`` and once per target; it never affects the verdict.
-        """
-        if not self.settings.explain_normal:
-            return
-        noted = self.ctx.shared.setdefault("noted", set())
-        key = (self.code, target)
-        if key in noted:
-            return
-        noted.add(key)
-        self.emit(target, "info", value, None, step, message, "nothing to fix: this is expected")
-
-    def settle(self, step: int | None) -> None:
-        """Write this step's judged findings: updates of open ones, then new ones worst first up to the cap.
-
-        A finding that opens while a run-wide problem is open (``ctx.shared["cause"]``: a gradient-norm
-        spike, a NaN in the forward pass) says so in its message and in ``data.after``.
-        """
-        if not self._candidates:
-            return
-        candidates, self._candidates = self._candidates, []
-        candidates.sort(key=lambda c: (-SEVERITY_RANK[c[0]], -c[1]))
-        log = self.ctx.findings
-        open_now = {f.target: f for f in list(log.open.values()) if f.code == self.code}
-        room = max(0, self.settings.max_open - len(open_now))
-        chosen, dropped = [], []
-        for cand in candidates:
-            target = cand[2]
-            if target not in open_now:
-                if room <= 0:
-                    dropped.append(target)
-                    continue
-                room -= 1
-            chosen.append(cand)
-        cause = self.ctx.shared.get("cause")
-        for sev, _bad, target, value, th, message, hint, data in chosen:
-            current = open_now.get(target)
-            if current is None:
-                if cause and cause["code"] != self.code:
-                    data = {
-                        **(data or {}),
-                        "after": cause["code"],
-                        "after_step": cause["step"],
-                        "after_what": cause["what"],
-                    }
-                if dropped:
-                    data = {**(data or {}), "not_opened": {"count": len(dropped), "targets": dropped[:10]}}
-            after = (data or {}).get("after") or (current.data.get("after") if current is not None else None)
-            if after:  # keep saying so in later updates too: the folded finding shows the last message
-                source = data if (data or {}).get("after") else current.data
-                message = _after(message, source)
-            level = th.level(sev)
-            self.emit(
-                target,
-                sev,
-                value,
-                level if level is not None else th.shown,
-                step,
-                message,
-                hint,
-                data=data,
-                higher_is_worse=th.higher_is_worse,
-            )
+    ) -> None:
+        """Propose a finding with a severity decided here; written at the step's :meth:`settle` like every
+        other (kept for rules written against 0.1, where it wrote at once)."""
+        self.propose(target, severity, value, threshold, step, message, hint, data, higher_is_worse)
 
 
 # ---------------------------------------------------------------------- the registry
@@ -361,40 +213,3 @@ def registered_rules() -> dict[str, type[Rule]]:
     """code -> rule class for every registered rule, in the order they run (``order``, then registration)."""
     ranked = sorted(enumerate(_REGISTRY.items()), key=lambda item: (item[1][1].order, item[0]))
     return {code: cls for _, (code, cls) in ranked}
-
-
-# ---------------------------------------------------------------------- small helpers
-def _after(message: Text, data: dict) -> Callable[[], str]:
-    """A message that says it opened while a run-wide problem was already open (likely its consequence)."""
-    return lambda: (
-        f"{_text(message)}. It opened while {data.get('after_what', 'a run-wide problem')} "
-        f"(`{data['after']}`, since step {data.get('after_step')}) was open: probably a consequence — fix that "
-        "first"
-    )
-
-
-def _text(t: Text) -> str:
-    return t() if callable(t) else str(t)
-
-
-def _plain(v: Any) -> Any:
-    """A JSON-friendly number: NaN/inf as strings would break nothing, but keep floats finite or None."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
-
-
-def _badness(value: Any, th: Threshold, sev: str) -> float:
-    """How far past its level a value is (log scale), to open the worst findings first."""
-    try:
-        v = abs(float(value))
-        level = th.level(sev)
-        level = abs(float(level)) if level is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
-    if not math.isfinite(v):
-        return math.inf
-    if level <= 0 or v <= 0:
-        return v
-    r = math.log(v / level)
-    return r if th.higher_is_worse else -r

@@ -239,7 +239,7 @@ def test_resume_restores_state(tiny_mlp, run_dir, monkeypatch):
     mon2 = st.Monitor(tiny_mlp, opt, run_dir=path, config=cfg, resume=True)
     state = mon2.state_dict()
     assert state == saved
-    assert mon2._rules[0].seen == 8
+    assert mon2.context.rules[0].seen == 8
     assert mon2.findings.is_open("test.synthetic", "1")
     # the open finding is not reported again as new
     assert mon2.findings.report("test.synthetic", "1", "warning", 0.3, 0.1, "m", "h", 8) is None
