@@ -54,7 +54,6 @@ def findings(
                                                      "warning or critical")] = None,
 ) -> None:
     """List the findings of a run, most severe first; --fail-on sets the exit code for CI."""
-    from stethoscope.report import findings_table
     from stethoscope.run import load_run
 
     if fail_on is not None and fail_on not in ("warning", "critical"):
@@ -62,15 +61,20 @@ def findings(
     run = load_run(run_dir)
     if as_json:
         out = {"run_dir": str(run.path), "status": run.status, "verdict": run.verdict,
+               "incidents": [i.as_dict() for i in run.incidents],
                "findings": [f.as_dict() for f in run.findings]}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
+        from rich.markup import escape
+
         from stethoscope.report import build
+        from stethoscope.report.summary import print_incidents
 
         console = get_console()
-        console.print(f"verdict: {build(run, findings_only=True).verdict_line}")  # the report's own words
+        content = build(run, findings_only=True)
+        console.print(f"verdict: {escape(content.verdict_line)}", soft_wrap=True)  # the report's own words
         if run.findings:
-            console.print(findings_table(run))
+            print_incidents(content, console)
         else:
             console.print("no findings")
     if fail_on is not None:

@@ -38,10 +38,17 @@ class Finding:
     rank: int | None
     events: int
     data: dict = field(default_factory=dict)
+    caused_by: str | None = None  # id of the finding this one is a consequence of (``data.caused_by``)
+    incident: str | None = None  # id of the root finding of its incident (its own id when it is the root)
 
     @property
     def open(self) -> bool:
         return self.cleared_step is None
+
+    @property
+    def members(self) -> list[str]:
+        """The targets an aggregated finding stands for (``data.members``); empty for a single target."""
+        return list(self.data.get("members") or [])
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__} | {"open": self.open}
@@ -88,10 +95,66 @@ def fold_findings(events: list[dict]) -> list[Finding]:
         f.hint = ev.get("hint", f.hint)
         if ev.get("data"):
             f.data.update(ev["data"])
-    return sorted(
+    out = sorted(
         folded.values(),
         key=lambda f: (-SEVERITY_RANK.get(f.severity, 0), f.first_step if f.first_step is not None else -1, f.id),
     )
+    link_incidents(out)
+    return out
+
+
+@dataclass
+class Incident:
+    """Findings that share a cause: the root finding and the findings that opened as its consequences.
+
+    A finding is a consequence when it opened while a run-wide problem was open (``data.caused_by``, written
+    by the rules' settle step: a NaN born in the forward pass, a gradient-norm spike); its root is the end of
+    that chain. A finding linked to nothing is an incident of its own.
+    """
+
+    root: Finding
+    consequences: list[Finding] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.root.id
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [self.root, *self.consequences]
+
+    @property
+    def severity(self) -> str:
+        return max((f.severity for f in self.findings), key=lambda s: SEVERITY_RANK.get(s, 0))
+
+    @property
+    def first_step(self) -> int | None:
+        return self.root.first_step
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "severity": self.severity, "root": self.root.id,
+                "consequences": [f.id for f in self.consequences]}
+
+
+def link_incidents(findings: list[Finding]) -> list[Incident]:
+    """Set each finding's ``caused_by`` / ``incident`` and group them: worst incident first, then earliest."""
+    by_id = {f.id: f for f in findings}
+    for f in findings:
+        link = f.data.get("caused_by")
+        cause = link.get("id") if isinstance(link, dict) else None
+        f.caused_by = cause if cause in by_id and cause != f.id else None
+    groups: dict[str, Incident] = {}
+    for f in findings:  # most severe first: a root is met before or after its consequences, either way
+        root, seen = f, {f.id}
+        while root.caused_by is not None and root.caused_by not in seen:
+            seen.add(root.caused_by)
+            root = by_id[root.caused_by]
+        f.incident = root.id
+        incident = groups.setdefault(root.id, Incident(root))
+        if f is not root:
+            incident.consequences.append(f)
+    return sorted(groups.values(), key=lambda i: (-SEVERITY_RANK.get(i.severity, 0),
+                                                   i.first_step if i.first_step is not None else -1, i.id))
 
 
 def _further(value: Any, worst: Any, threshold: Any) -> bool:
@@ -144,6 +207,7 @@ class Run:
         else:
             self.events = [ev for d in dirs for ev in rd.read_jsonl(d / rd.FINDINGS)]
         self.findings: list[Finding] = fold_findings(self.events)
+        self.incidents: list[Incident] = link_incidents(self.findings)
         self._metrics: pd.DataFrame | None = None
 
     @property
@@ -184,12 +248,20 @@ class Run:
 
     @property
     def verdict(self) -> dict:
-        """healthy / warning / critical, from the findings (worst severity reached) with counts."""
+        """healthy / warning / critical, from the findings (worst severity reached) with counts, the number of
+        incidents, and ``cause``: the root of the worst incident (None when healthy)."""
         counts = {"info": 0, "warning": 0, "critical": 0}
         for f in self.findings:
             counts[f.severity] = counts.get(f.severity, 0) + 1
         status = "critical" if counts["critical"] else "warning" if counts["warning"] else "healthy"
-        return {"status": status, "counts": counts}
+        worst = self.incidents[0] if self.incidents and status != "healthy" else None
+        cause = None
+        if worst is not None:
+            r = worst.root
+            cause = {"id": r.id, "code": r.code, "target": r.target, "step": r.first_step,
+                     "consequences": len(worst.consequences)}
+        return {"status": status, "counts": counts,
+                "incidents": sum(1 for i in self.incidents if i.severity != "info"), "cause": cause}
 
     @property
     def status(self) -> str:

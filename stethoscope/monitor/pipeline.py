@@ -145,7 +145,14 @@ class RecordPipeline:
         new = self.findings.take_recent()
         if "loss" in record.scalars or record.sampled:
             self._logged_lines += 1
-        if self.quiet or not due_line(record, new, self.config.console.every, self._logged_lines):
+        if self.quiet:
+            return
+        # what a reader must hear: problems that open on their own (a consequence folds under its root, and a
+        # worsening open finding is in the summary); while one is open, a line only when that changes — a NaN
+        # run must not print 50 "loss nan" lines, nor a spike 30 lines of its consequences
+        new = [e for e in new if e["event"] == "open" and not (e.get("data") or {}).get("caused_by")]
+        quiet_now = not new and any(f.severity != "info" for f in list(self.findings.open.values()))
+        if quiet_now or not due_line(record, new, self.config.console.every, self._logged_lines):
             return
         self.console.print(console_line(record, new), soft_wrap=True)  # one line in a log file
 

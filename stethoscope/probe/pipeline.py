@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stethoscope._format import format_fixed
 from stethoscope.console import get_console
 from stethoscope.probe.config import PipelineConfig, RepresentationConfig, load_config, settings_hash
 from stethoscope.probe.errors import ProbeDataError, ProbeStageError
@@ -375,8 +376,7 @@ def _print_summary(rows: list[dict], decision, console) -> None:
         console.print(f"  note: {note}")
 
 
-def _f(x, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+_f = format_fixed  # fixed decimals, "n/a" for None / NaN
 
 
 # --- report --------------------------------------------------------------------------------------

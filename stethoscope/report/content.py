@@ -70,24 +70,53 @@ def when(f: Finding) -> str:
 
 
 def finding_rows(run: Run) -> list[FindingRow]:
-    """The findings, most severe first, as the report, ``stethoscope findings`` and the summary show them."""
+    """The findings as the report, ``stethoscope findings`` and the summary show them: incident by incident,
+    worst first, each root followed by its consequences."""
     rows = []
-    for f in run.findings:
-        rows.append(
-            FindingRow(
-                severity=f.severity,
-                code=f.code,
-                target=(f.target or "—") + (f" (rank {f.rank})" if f.rank is not None else ""),
-                value=fmt(f.worst_value),
-                threshold=fmt(f.threshold),
-                started="preflight" if f.first_step is None else str(f.first_step),
-                cleared="still open" if f.cleared_step is None else str(f.cleared_step),
-                when=when(f),
-                message=f.message or "",
-                hint=f.hint or "",
+    for number, incident in enumerate(run.incidents, start=1):
+        for f in incident.findings:
+            link = f.data.get("caused_by") if isinstance(f.data.get("caused_by"), dict) else {}
+            members = len(f.members)
+            rows.append(
+                FindingRow(
+                    severity=f.severity,
+                    code=f.code,
+                    target=_target(f.target) + (f" ({members})" if members else "")
+                    + (f" (rank {f.rank})" if f.rank is not None else ""),
+                    value=fmt(f.worst_value),
+                    threshold=fmt(f.threshold),
+                    started="preflight" if f.first_step is None else str(f.first_step),
+                    cleared="still open" if f.cleared_step is None else str(f.cleared_step),
+                    when=when(f),
+                    message=f.message or "",
+                    hint=f.hint or "",
+                    incident=number,
+                    consequence=f is not incident.root,
+                    reason=link.get("reason", "") if f is not incident.root else "",
+                    members=members,
+                )
             )
-        )
     return rows
+
+
+def _target(target: str | None) -> str:
+    """``<model>`` for the root module (``""``), ``—`` for a finding about no module."""
+    return "—" if target is None else (target or "<model>")
+
+
+def cause_of(run: Run) -> str:
+    """The root of the worst incident in words: "`numerics.nonfinite` on `h.2.attn` (step 12), 8 findings
+    follow from it" ("" for a healthy run)."""
+    cause = run.verdict.get("cause")
+    if not cause:
+        return ""
+    text = f"`{cause['code']}` on `{cause['target'] or '<model>'}`"
+    if cause.get("step") is not None:
+        text += f" (step {cause['step']})"
+    n = cause.get("consequences", 0)
+    if n:
+        text += f", {n} finding{'s' if n != 1 else ''} follow{'s' if n == 1 else ''} from it"
+    return text
 
 
 def verdict_of(run: Run) -> tuple[str, str, dict]:
@@ -106,6 +135,8 @@ def build(run: Run, findings_only: bool = False) -> ReportContent:
         facts=[] if findings_only else _facts(run),
         findings=finding_rows(run),
         sections=[],
+        cause=cause_of(run),
+        incidents=run.verdict.get("incidents", 0),
     )
     if findings_only:
         return content

@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from stethoscope.report.model import Plot, ReportContent, Section, Table
+from stethoscope.report.model import FindingRow, Plot, ReportContent, Section, Table
 from stethoscope.report.plots import Image
 
 _CSS = """
@@ -43,6 +43,9 @@ table.facts th { width: 120px; background: none; color: var(--muted); font-weigh
 .finding.critical { border-color: var(--crit); } .finding.warning { border-color: var(--warn); }
 .finding.info { border-color: var(--info); }
 .finding p { margin: 4px 0; }
+.incident { margin: 18px 0; } .incident details { margin-left: 24px; }
+.incident summary { cursor: pointer; color: var(--muted, #666); }
+tr.consequence td { opacity: 0.75; } tr.consequence td:first-child { text-align: right; }
 .hint { color: var(--fg); background: var(--soft); padding: 6px 10px; border-radius: 5px; }
 figure { margin: 14px 0 18px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
@@ -128,6 +131,18 @@ def _section(s: Section, images: dict) -> str:
     return "\n".join(parts)
 
 
+def _finding_card(f: FindingRow, i: int, prefix: str) -> str:
+    return (
+        f'<div class="finding {escape(f.severity)}" id="finding-{i}">'
+        f'<h3>{escape(prefix)}<span class="sev {escape(f.severity)}">{escape(f.severity)}</span> '
+        f"<code>{escape(f.code)}</code> on <code>{escape(f.target)}</code></h3>"
+        f"<p>{_inline(f.message)}</p>"
+        f'<p class="note">value {escape(f.value)} vs threshold {escape(f.threshold)}; {escape(f.when)}</p>'
+        + (f'<p class="hint"><b>What usually fixes it:</b> {_inline(f.hint)}</p>' if f.hint else "")
+        + "</div>"
+    )
+
+
 def render_html(content: ReportContent, images: dict) -> str:
     """The whole page as one string; ``images`` maps plot ids to rendered :class:`Image` (or an exception)."""
     c = content
@@ -144,7 +159,7 @@ def render_html(content: ReportContent, images: dict) -> str:
         f"<nav>{''.join(nav)}</nav>",
         '<section id="overview">',
         f'<div class="verdict" data-verdict="{escape(c.verdict)}"><span class="badge {escape(c.verdict)}">'
-        f"{escape(c.verdict)}</span><span>{escape(c.verdict_line)}</span></div>",
+        f"{escape(c.verdict)}</span><span>{_inline(c.verdict_line)}</span></div>",
         '<table class="facts"><tbody>',
         *[f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in c.facts],
         "</tbody></table></section>",
@@ -157,29 +172,34 @@ def render_html(content: ReportContent, images: dict) -> str:
             '<table class="findings" id="findings-table"><thead><tr>'
             + "".join(
                 f"<th>{h}</th>"
-                for h in ("severity", "code", "target", "value", "threshold", "from step", "cleared")
+                for h in ("incident", "severity", "code", "target", "value", "threshold", "from step", "cleared")
             )
             + "</tr></thead><tbody>"
         )
         for i, f in enumerate(c.findings):
+            mark = "↳" if f.consequence else str(f.incident)
             parts.append(
-                f'<tr><td class="sev {escape(f.severity)}">{escape(f.severity)}</td>'
+                f'<tr class="{"consequence" if f.consequence else "root"}"><td class="num">{mark}</td>'
+                f'<td class="sev {escape(f.severity)}">{escape(f.severity)}</td>'
                 f'<td><a href="#finding-{i}"><code>{escape(f.code)}</code></a></td>'
                 f'<td class="mono">{escape(f.target)}</td><td class="num">{escape(f.value)}</td>'
                 f'<td class="num">{escape(f.threshold)}</td><td class="num">{escape(f.started)}</td>'
                 f'<td class="num">{escape(f.cleared)}</td></tr>'
             )
         parts.append("</tbody></table>")
-        for i, f in enumerate(c.findings):
-            parts.append(
-                f'<div class="finding {escape(f.severity)}" id="finding-{i}">'
-                f'<h3><span class="sev {escape(f.severity)}">{escape(f.severity)}</span> '
-                f"<code>{escape(f.code)}</code> on <code>{escape(f.target)}</code></h3>"
-                f"<p>{_inline(f.message)}</p>"
-                f'<p class="note">value {escape(f.value)} vs threshold {escape(f.threshold)}; {escape(f.when)}</p>'
-                + (f'<p class="hint"><b>What usually fixes it:</b> {_inline(f.hint)}</p>' if f.hint else "")
-                + "</div>"
-            )
+        index = {id(f): i for i, f in enumerate(c.findings)}
+        for root, consequences in c.by_incident():
+            parts.append(f'<div class="incident" id="incident-{root.incident}">')
+            parts.append(_finding_card(root, index[id(root)], f"Incident {root.incident} — "))
+            if consequences:
+                n = len(consequences)
+                parts.append(
+                    f"<details><summary>+ {n} finding{'s' if n != 1 else ''} follow{'s' if n == 1 else ''} "
+                    "from it — consequences: fix the cause first</summary>"
+                )
+                parts += [_finding_card(f, index[id(f)], "") for f in consequences]
+                parts.append("</details>")
+            parts.append("</div>")
     parts.append("</section>")
     for s in c.sections:
         parts.append(_section(s, images))

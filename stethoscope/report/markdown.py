@@ -64,21 +64,32 @@ def render_markdown_content(content: ReportContent, images: dict | None = None) 
     """The Markdown text; ``images`` maps plot ids to rendered images (None: no figures, tables only)."""
     c = content
     lines = [f"# {c.title}", "", f"**Verdict: {c.verdict_words}** ({c.counts_text})", ""]
+    if c.cause:
+        lines += [f"**Cause:** {c.cause}", ""]
     lines += ["## Run", "", "| | |", "|---|---|", *[f"| {k} | {_esc(v)} |" for k, v in c.facts], ""]
     lines += ["## Findings", ""]
     if not c.findings:
         lines += ["No findings: every rule stayed silent.", ""]
     else:
-        lines += ["| severity | code | target | value | threshold | when |", "|---|---|---|---|---|---|"]
+        lines += ["| incident | severity | code | target | value | threshold | when |",
+                  "|---|---|---|---|---|---|---|"]
         for f in c.findings:
-            lines.append(
-                f"| {f.severity} | `{f.code}` | `{_esc(f.target)}` | {f.value} | {f.threshold} | {f.when} |"
-            )
+            mark = "↳ consequence" if f.consequence else str(f.incident)
+            lines.append(f"| {mark} | {f.severity} | `{f.code}` | `{_esc(f.target)}` | {f.value} | {f.threshold} "
+                         f"| {f.when} |")
         lines.append("")
-        for f in c.findings:
-            lines += [f"### {f.severity}: `{f.code}` on `{f.target}`", "", f.message, ""]
-            if f.hint:
-                lines += [f"*What usually fixes it:* {f.hint}", ""]
+        for root, consequences in c.by_incident():
+            lines += [f"### Incident {root.incident} — {root.severity}: `{root.code}` on `{root.target}`", "",
+                      root.message, "", f"Value {root.value} against the threshold {root.threshold}; {root.when}.", ""]
+            if root.hint:
+                lines += [f"*What usually fixes it:* {root.hint}", ""]
+            if consequences:
+                n = len(consequences)
+                lines += [f"**{n} finding{'s' if n != 1 else ''} follow{'s' if n == 1 else ''} from it** "
+                          "(they opened while it was open: fix the cause first):", ""]
+                lines += [f"- {f.severity} `{f.code}` on `{_esc(f.target)}`: value {f.value}, {f.when}"
+                          for f in consequences]
+                lines.append("")
     for s in c.sections:
         if images is None:
             s = Section(s.id, s.title, s.intro, [], s.tables, s.links, s.notes)

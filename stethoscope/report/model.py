@@ -115,6 +115,10 @@ class FindingRow:
     when: str
     message: str
     hint: str
+    incident: int = 0  # 1-based number of the incident it belongs to (worst incident first)
+    consequence: bool = False  # it opened as a consequence of its incident's root
+    reason: str = ""  # why it is a consequence (``data.caused_by.reason``)
+    members: int = 0  # targets an aggregated finding stands for (0: one target)
 
 
 @dataclass
@@ -126,15 +130,30 @@ class ReportContent:
     facts: list[tuple[str, str]]  # the run table
     findings: list[FindingRow]
     sections: list[Section]
+    cause: str = ""  # the root of the worst incident, in words ("" when healthy)
+    incidents: int = 0  # incidents with a warning or worse
 
     @property
     def counts_text(self) -> str:
         c = self.counts
-        return f"{c.get('critical', 0)} critical, {c.get('warning', 0)} warning, {c.get('info', 0)} info"
+        text = f"{c.get('critical', 0)} critical, {c.get('warning', 0)} warning, {c.get('info', 0)} info"
+        if self.incidents:
+            text += f" in {self.incidents} incident{'s' if self.incidents != 1 else ''}"
+        return text
 
     @property
     def verdict_line(self) -> str:
-        return f"{self.verdict_words} ({self.counts_text})"
+        return f"{self.verdict_words} ({self.counts_text})" + (f" — cause: {self.cause}" if self.cause else "")
+
+    def by_incident(self) -> list[tuple[FindingRow, list[FindingRow]]]:
+        """(root, consequences) per incident, in the order the rows come (worst incident first)."""
+        out: list[tuple[FindingRow, list[FindingRow]]] = []
+        for row in self.findings:
+            if row.consequence and out and out[-1][0].incident == row.incident:
+                out[-1][1].append(row)
+            else:
+                out.append((row, []))
+        return out
 
     def plots(self) -> list[Plot]:
         return [p for s in self.sections for p in s.plots]

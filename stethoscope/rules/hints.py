@@ -31,9 +31,28 @@ def layernorm(module: str) -> str:
     )
 
 
-def lower_lr(lr: float | None = None) -> str:
-    now = f" (it is {fmt(lr)})" if lr else ""
-    return f"lower the learning rate by half{now} and restart from the last good checkpoint"
+# The usual upper end of the learning rate: Adam-family optimizers on transformers rarely go past 1e-3
+# (3e-4 is the common start; large models use less); plain SGD with momentum rarely past 0.1.
+USUAL_MAX_LR = {"adam": 1e-3, "sgd": 0.1}
+
+
+def lower_lr(lr: float | None = None, adam_like: bool | None = None) -> str:
+    """A concrete learning-rate change: far above the usual range, the usual range; else a third of it.
+
+    ``adam_like``: the optimizer is Adam-family (True), plain SGD-like (False) or unknown (None)."""
+    if not lr or not math.isfinite(lr):
+        return "lower the learning rate (a third of it is a good first try) and restart from the last good checkpoint"
+    usual = {True: USUAL_MAX_LR["adam"], False: USUAL_MAX_LR["sgd"], None: USUAL_MAX_LR["sgd"]}[adam_like]
+    if lr > 10 * usual or (adam_like is None and lr > 10 * USUAL_MAX_LR["adam"] and lr > 1):
+        if adam_like is None:
+            usual_text = "1e-3 or lower for Adam/AdamW on a transformer, 3e-4 a common start, 0.1 or lower for SGD"
+        elif adam_like:
+            usual_text = "1e-3 or lower for Adam/AdamW on a transformer, 3e-4 a common start"
+        else:
+            usual_text = "0.1 or lower for SGD"
+        return (f"the learning rate is {fmt(lr)}, far above the usual range ({usual_text}): set it there and restart "
+                "from the last good checkpoint")
+    return f"lower the learning rate from {fmt(lr)} to about {fmt(lr / 3)} and restart from the last good checkpoint"
 
 
 def clipping(typical: float | None) -> str:

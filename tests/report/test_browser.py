@@ -72,7 +72,8 @@ def test_report_renders_in_chromium(browser, gpt2_run, tmp_path):
     # the findings table: most severe first, with the synthetic critical and warning
     rows = page.locator("#findings-table tbody tr")
     assert rows.count() >= 2
-    assert rows.nth(0).locator("td").nth(0).inner_text() == "critical"
+    assert rows.nth(0).locator("td").nth(0).inner_text() == "1"  # incident 1, its root first
+    assert rows.nth(0).locator("td").nth(1).inner_text() == "critical"
     text = page.locator("#findings-table").inner_text()
     assert "numerics.nonfinite" in text and "grad.zero_fraction" in text
     assert page.locator(".verdict .badge").inner_text().lower() == "critical"

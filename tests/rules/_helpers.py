@@ -63,13 +63,14 @@ def train(
 
 
 def found(run: st.Run, code: str, target: str | None = ..., severity: str | None = None) -> list[Finding]:
-    """The findings of ``code`` (on ``target`` when given, at ``severity`` or worse when given)."""
+    """The findings of ``code`` (on ``target`` when given — an aggregated finding counts for each of its
+    members — at ``severity`` or worse when given)."""
     rank = {"info": 0, "warning": 1, "critical": 2}
     out = []
     for f in run.findings:
         if f.code != code:
             continue
-        if target is not ... and f.target != target:
+        if target is not ... and f.target != target and target not in f.members:
             continue
         if severity is not None and rank[f.severity] < rank[severity]:
             continue

@@ -21,7 +21,7 @@ def test_learning_rate_far_too_high(tmp_path):
     high = found(run, "update.ratio", "0.weight", "critical")
     assert high, describe(run)
     assert "implies a ratio" in high[0].message and "too high" in high[0].message
-    assert "lower the learning rate by half" in high[0].hint.lower()
+    assert "the learning rate is 10, far above the usual range" in high[0].hint.lower()
     # zero-initialised biases: Adam's fixed step against a zero norm is normal, not a finding
     assert not found(run, "update.ratio", "0.bias")
 
