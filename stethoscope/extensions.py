@@ -27,6 +27,7 @@ BUILTIN_EXTENSIONS: tuple[str, ...] = (
     "stethoscope.attention.extension",
     "stethoscope.sinks.tensorboard",
     "stethoscope.distributed.extension",
+    "stethoscope.coverage",
 )
 
 
