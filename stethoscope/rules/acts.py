@@ -133,10 +133,10 @@ class ActDeadFeatures(_Smoothed):
             "Units die when their pre-activation stays negative: usually a too-high learning rate or a large "
             "negative bias",
             H.lower_lr(None),
-            H.layernorm(feeder) if feeder else None,
-            H.input_scale(feeder) if feeder else None,
+            H.layernorm(feeder, self.info) if feeder else None,
+            H.input_scale(feeder, self.info) if feeder else None,
             "a leaky activation (LeakyReLU, GELU) keeps a gradient below zero" if kind == "relu" else None,
-            H.xavier(feeder) if feeder else None,
+            H.xavier(feeder, self.info) if feeder else None,
         )
 
 
@@ -195,9 +195,9 @@ class ActSaturation(_Smoothed):
                 step,
                 message=lambda name=name, v=value, st=st, act=act: self._message(name, v, st, act),
                 hint=lambda name=name: H.join(
-                    H.layernorm(name),
-                    H.input_scale(name),
-                    H.xavier(name),
+                    H.layernorm(name, self.info),
+                    H.input_scale(name, self.info),
+                    H.xavier(name, self.info),
                     f"if the weights grew during training, {H.lower_lr(None)}",
                 ),
             )
@@ -270,7 +270,7 @@ class ActInputScale(_Smoothed):
             )
             return H.join(first, H.lower_lr(None))
         return H.join(
-            H.layernorm(name),
+            H.layernorm(name, self.info),
             "or standardise the raw features in the data pipeline (zero mean, unit variance)",
             "then check act.saturation and grad.zero_fraction downstream: unscaled inputs are what kills units",
         )

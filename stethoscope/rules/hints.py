@@ -1,7 +1,9 @@
-"""The playbook's remedies (field note ``gradient-death-troubleshooting``), worded per finding.
+"""The remedies, worded per finding and per target.
 
-Each function returns one clause; rules join the ones that apply to the case at hand, and say when a fix
-applies rather than prescribing all of them every time.
+Each function returns one clause — or None when it does not fit the target (no "put a LayerNorm in front" of a
+LayerNorm, no Xavier re-initialisation of a module without a weight matrix) — and says why it helps. Rules join
+the ones that apply to the case at hand (:func:`join` drops the Nones). A hint names no document the user
+cannot open: the reasoning is in the sentence.
 """
 
 from __future__ import annotations
@@ -24,10 +26,14 @@ def pct(x: float | None) -> str:
     return f"{100 * x:.1f} %"
 
 
-def layernorm(module: str) -> str:
+def layernorm(module: str, info=None) -> str | None:
+    """Normalise what enters ``module``; for a normalisation layer itself, say what its scale means instead."""
+    if info is not None and info.is_norm(module):
+        return (f"`{module}` is itself a normalisation layer: large outputs mean its gain (`{module}.weight`) "
+                "grew; check that weight and the learning rate, and whether weight decay excludes it")
     return (
-        f"put a LayerNorm in front of `{module}` (`x = F.layer_norm(x, x.shape[-1:])` before the "
-        "projection) — the playbook's recommended fix"
+        f"put a LayerNorm in front of `{module}` (`x = F.layer_norm(x, x.shape[-1:])` before the projection): "
+        "it keeps the pre-activations at unit scale whatever the upstream features do"
     )
 
 
@@ -59,21 +65,27 @@ def clipping(typical: float | None) -> str:
     where = f" ({fmt(typical)} here)" if typical and math.isfinite(typical) else ""
     return (
         "if you clip gradients, check that max_grad_norm is not far below the typical gradient "
-        f"norm{where}: the playbook raised it from 1 to 5–10 for their transformer"
+        f"norm{where}: clipping every step at a fraction of it shrinks every update (5–10 is common for a "
+        "transformer trained with a norm of a few units)"
     )
 
 
-def xavier(module: str) -> str:
+def xavier(module: str, info=None) -> str | None:
+    """Re-initialise a weight matrix; None for a module that has none (a norm, an activation)."""
+    if info is not None and not info.is_linear(module):
+        return None
     return (
         f"re-initialise `{module}` with Xavier and a reduced gain "
-        "(`nn.init.xavier_uniform_(w, gain=0.6)`; 0.8 for attention projections)"
+        "(`nn.init.xavier_uniform_(w, gain=0.6)`; 0.8 for attention projections) so its outputs start small"
     )
 
 
-def input_scale(module: str) -> str:
+def input_scale(module: str, info=None) -> str | None:
+    if info is not None and info.is_norm(module):
+        return None
     return (
-        f"check the scale of the features entering `{module}` (see act.input_scale): the playbook's "
-        "root cause was raw features far outside [-3, 3]"
+        f"check the scale of the features entering `{module}` (see act.input_scale): raw features far outside "
+        "[-3, 3] push pre-activations into the flat parts of the activation, where units stop learning"
     )
 
 
