@@ -34,6 +34,18 @@ class UpdateRecord:
 
 
 @dataclass
+class AmpRecord:
+    """What the ``GradScaler`` did, read at a sampled step without a sync (``monitor/gradients.py``)."""
+
+    scale: float  # the loss scale after this step's scaler.update()
+    skipped: bool | None  # this step's optimizer step was skipped (non-finite gradients); None: no scaler step
+    history: list[bool] = field(default_factory=list)  # each scaler step since the last record (skipped?), in
+    # order, this step's last
+    folded_steps: int = 0  # older scaler steps of that stretch, counted but not ordered (very sparse sampling)
+    folded_skips: int = 0
+
+
+@dataclass
 class StepRecord:
     """One step as the rules see it. Unsampled steps carry only scalars."""
 
@@ -52,6 +64,12 @@ class StepRecord:
     # Rows of kinds the monitor does not read itself, queued by extensions on the step's collector:
     # kind -> [(Entry, host row)] in queue order (e.g. "attn": per-head attention statistics).
     extras: dict[str, list] = field(default_factory=dict)
+    amp: AmpRecord | None = None  # with a GradScaler handed to the monitor, on sampled steps
+
+    @property
+    def scaler_skipped(self) -> bool:
+        """The GradScaler skipped this step's optimizer step (its gradients were non-finite); False if unknown."""
+        return self.amp is not None and bool(self.amp.skipped)
 
     @property
     def grad_norm(self) -> float:

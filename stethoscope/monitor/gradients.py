@@ -5,12 +5,22 @@ pre-hook, ``optimizer.zero_grad`` or the end of the step. So a step that a ``Gra
 are non-finite and the optimizer never runs) is still read, and read unscaled: before the scaler unscales
 them, they are multiplied by 1/scale on the device.
 
+Gradient rows count an entry as zero only where it is exactly zero (the activation rows keep ``stats.eps``):
+dead units, cut paths and frozen gradients give exact zeros, while small healthy gradients (the query and key
+thirds of a fused attention projection at initialisation) do not (docs/findings.md, ``grad.zero_fraction``).
+
 Update ratios compare a copy of the selected parameters taken at the step pre-hook with the parameters at
 the post-hook: ``‖Δw‖`` and ``‖w‖`` per parameter, one device row per device.
+
+With a ``GradScaler`` handed to the monitor, every step's ``found_inf`` (the scaler's own device flag: it
+skipped the optimizer step because a gradient was non-finite) is kept by reference, with no device work and
+no sync; at the next sampled step the flags of every step since the previous sampled one and the scale after
+this step's ``update()`` ride along as one ``amp`` row in that step's transfer (``StepRecord.amp``).
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +33,10 @@ from stethoscope.hooks import HookSet
 from stethoscope.monitor.engine import StatsEngine, no_autocast
 
 Guard = Callable[..., Any]
+
+# Past this many scaler steps between two sampled steps, the kept found_inf flags are folded into a count on
+# the device (one small reduction): their order is lost, their number is not.
+AMP_FOLD = 256
 
 
 class GradientReader:
@@ -53,6 +67,16 @@ class GradientReader:
         self._marks: list = []  # per watched parameter: (weakref to its grad, version) at step start
         self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
         self._snapshot: list[tuple[torch.device, list[str], list[torch.Tensor], list]] = []
+        # gradients are counted as zero only where exactly zero: the same engine (its scratch buffers and
+        # compiled kernel, a shallow copy) with eps 0 for gradient rows
+        self.grad_engine = copy.copy(engine)
+        self.grad_engine.cfg = _exact_zero(engine.cfg)
+        # the scaler's found_inf flag of every scaler step since the last sampled step (device tensors, kept
+        # by reference), and those folded into a device count past AMP_FOLD
+        self._amp_flags: list[torch.Tensor] = []
+        self._amp_folded: torch.Tensor | None = None
+        self._amp_folded_steps = 0
+        self._amp_last: Callable[[], Any] = lambda: None  # the last flag seen (no update() between two steps)
 
     @property
     def scaler(self) -> Any:
@@ -88,6 +112,8 @@ class GradientReader:
         """Read now if nothing did yet; the names that had no gradient."""
         if self.active and not self.read_done:
             self.guard("reading gradients at the end of the step", self.read)
+        if self._scaler_ref is not None:
+            self.guard("reading the GradScaler's state", self._note_scaler, self.active)
         self.active = False
         return list(self.missing)
 
@@ -98,6 +124,8 @@ class GradientReader:
         self._marks = []
         self._scaler_states = None
         self._scaler_ref = None
+        self._amp_flags, self._amp_folded, self._amp_folded_steps = [], None, 0
+        self._amp_last = lambda: None
         self._optimizer_ref = lambda: None
         self.active = False
 
@@ -152,8 +180,60 @@ class GradientReader:
             if inv is not None:
                 g = g.float() * inv.to(g.device)
             with no_autocast(g.device):
-                row = self.engine.compute(g, False, None)
+                row = self.grad_engine.compute(g, False, None)
             self.collector.add(Entry("grad", name, "", 0, g.numel()), row)
+
+    # ------------------------------------------------------------------ the GradScaler
+    def _found_inf(self, scaler: Any) -> torch.Tensor | None:
+        """This step's found_inf flag (a float32 device scalar, > 0 when the scaler skips the optimizer step),
+        or None when the scaler did not unscale this step (no ``step`` / ``unscale_``: accumulation)."""
+        states = self._scaler_states  # this step's states: scaler.update() replaces the scaler's dict
+        if not isinstance(states, dict) or not states:
+            return None
+        opt = self._optimizer_ref()
+        state = states.get(id(opt)) if opt is not None else None
+        chosen = [state] if state is not None else list(states.values())
+        flags = [t for st in chosen for t in (st.get("found_inf_per_device") or {}).values()]
+        if not flags or any(t is self._amp_last() for t in flags):
+            return None
+        self._amp_last = weakref.ref(flags[0])
+        if len(flags) == 1:
+            return flags[0]
+        device = flags[0].device  # a model on several devices: one flag per device, any of them counts
+        return torch.stack([t.to(device, non_blocking=True).reshape(()) for t in flags]).amax()
+
+    def _note_scaler(self, sampled: bool) -> None:
+        """Keep this step's found_inf flag; on a sampled step queue the ``amp`` row (no sync either way)."""
+        scaler = self.scaler
+        if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+            return
+        flag = self._found_inf(scaler)
+        if flag is not None:
+            self._amp_flags.append(flag)
+            if len(self._amp_flags) >= AMP_FOLD:
+                self._fold_flags()
+        scale = getattr(scaler, "_scale", None)
+        if not sampled or not isinstance(scale, torch.Tensor):
+            return
+        device = scale.device
+        folded = (self._amp_folded.to(device, non_blocking=True).reshape(1) if self._amp_folded is not None
+                  else torch.zeros(1, dtype=torch.float32, device=device))
+        parts = [scale.detach().to(torch.float32).reshape(1).clone(), folded]  # the scale after update()
+        if self._amp_flags:
+            parts.append(torch.stack([f.to(device, non_blocking=True).reshape(()) for f in self._amp_flags])
+                         .gt(0).to(torch.float32))
+        entry = Entry("amp", "scaler", "", 0, 0, extra={
+            "flags": len(self._amp_flags), "folded": self._amp_folded_steps, "this_step": flag is not None})
+        self.collector.add(entry, *parts)
+        self._amp_flags, self._amp_folded, self._amp_folded_steps = [], None, 0
+
+    def _fold_flags(self) -> None:
+        device = self._amp_flags[0].device
+        count = torch.stack([f.to(device, non_blocking=True).reshape(()) for f in self._amp_flags]).gt(0).sum()
+        count = count.to(torch.float32)
+        self._amp_folded = count if self._amp_folded is None else self._amp_folded.to(device) + count
+        self._amp_folded_steps += len(self._amp_flags)
+        self._amp_flags = []
 
     # ------------------------------------------------------------------ updates
     def _optimizer_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -196,3 +276,12 @@ class GradientReader:
             ])  # (2P,): ‖Δw‖ then ‖w‖ for each parameter
             self.collector.add(Entry("update", "", "", 0, len(names), extra={"names": names}), row)
         self._snapshot = []
+
+
+def _exact_zero(stats_config: Any) -> Any:
+    """The ``stats`` section with eps 0: a gradient entry counts as zero only where it is exactly zero."""
+    if hasattr(stats_config, "model_copy"):
+        return stats_config.model_copy(update={"eps": 0.0})
+    cfg = copy.copy(stats_config)
+    cfg.eps = 0.0
+    return cfg

@@ -21,7 +21,7 @@ from stethoscope.collector import Entry, merge_stats
 from stethoscope.console import SEVERITY_STYLE
 from stethoscope.errors import MonitorUsageError
 from stethoscope.findings import FindingLog
-from stethoscope.record import ActRecord, GradRecord, StepRecord, UpdateRecord
+from stethoscope.record import ActRecord, AmpRecord, GradRecord, StepRecord, UpdateRecord
 from stethoscope.rules.producer import FindingProducer, ProducerContext
 from stethoscope.stats import RAW_WIDTH
 
@@ -75,6 +75,12 @@ def build_record(step: int | None, pending: dict | None, entries: list[Entry], r
                 dn, wn = float(row[i]), float(row[n + i])
                 ratio = dn / wn if wn > 0 else (math.inf if dn > 0 else 0.0)
                 record.updates[name] = UpdateRecord(name, dn, wn, ratio)
+        elif entry.kind == "amp":  # the GradScaler: [scale, folded skips, one flag per scaler step]
+            flags = [bool(v > 0) for v in row[2:]]
+            this = flags[-1] if entry.extra.get("this_step") and flags else None
+            record.amp = AmpRecord(float(row[0]), this, flags, int(entry.extra.get("folded", 0)),
+                                   round(float(row[1])))
+            values["amp_scale"] = record.amp.scale
         else:  # a kind an extension queued (e.g. attn): handed over as it came
             record.extras.setdefault(entry.kind, []).append((entry, row))
     for key in order:

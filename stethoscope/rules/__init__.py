@@ -14,7 +14,7 @@ from typing import Any
 from stethoscope.naming import make_filter, patterns
 
 # The built-in rules register themselves on import (their run order is their ``order`` attribute).
-from stethoscope.rules import acts, grads, numerics, updates  # noqa: F401  (registration)
+from stethoscope.rules import acts, amp, grads, numerics, updates  # noqa: F401  (registration)
 from stethoscope.rules.base import (
     Rule,
     RuleContext,

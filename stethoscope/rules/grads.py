@@ -2,6 +2,11 @@
 
 All of them read the per-parameter gradient statistics of sampled steps (``record.grads``) — host-side
 floats already transferred by the monitor — and keep short per-parameter histories.
+
+A step whose gradients say nothing about the model is left out of all but ``grad.nonfinite``
+(:func:`judged_step`): one the ``GradScaler`` skipped (mixed precision's normal overflow; ``rules/amp.py``
+judges how often), and one with a non-finite gradient, where ``clip_grad_norm_`` has multiplied every
+gradient by 0 (finite entries) or NaN: those zeros are clipping's, not dead units.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ from stethoscope.stats import Stats
 MIN_RMS_IN_EPS = 100.0
 
 
+def judged_step(record: StepRecord) -> bool:
+    """Whether this step's gradients describe the model: not when the GradScaler skipped the step (its
+    gradients overflowed on purpose and never reached the optimizer), nor when any gradient is non-finite
+    (``grad.nonfinite``'s case: ``clip_grad_norm_`` then sees a non-finite total norm and multiplies every
+    gradient by 0 — an Inf norm — or NaN, so the other gradients' zeros and norms are the clipping's)."""
+    if record.scaler_skipped:
+        return False
+    return not any(rec.stats.nonfinite > 0 for rec in record.grads.values())
+
+
 def rms(stats: Stats) -> float:
     n = stats.count - stats.nonfinite
     return stats.norm / math.sqrt(n) if n > 0 and stats.norm == stats.norm else math.nan
@@ -31,10 +46,15 @@ def excess_zero_fraction(
 ) -> float | None:
     """The zero fraction of a gradient beyond what is known to be normal, or None when not judged.
 
-    Embedding weights are skipped (rows of tokens absent from the batch get no gradient). A key-projection
-    bias's exactly-zero share is taken out: ``(zf - share) / (1 - share)``, the zero fraction of the rest.
-    Gradients whose non-zero entries have an RMS under ``min_rms_in_eps * stats.eps`` (100 by default) are
-    skipped: there the count measures scale (grad.vanishing's case), not dead units. An all-zero gradient
+    ``stats.zero_fraction`` of a gradient row is the share of entries that are exactly zero (the monitor
+    reads gradients with eps 0; docs/findings.md says why). Embedding weights are skipped (rows of tokens
+    absent from the batch get no gradient). A fused q,k,v bias holds a key part (``share`` of it) whose
+    gradient is zero under softmax only up to rounding: it is exactly zero, and counted, when nothing reaches
+    the scores, and a residue ~1e-9 otherwise. So the zeros of the rest are ``(zf - share) / (1 - share)``
+    when the count covers the key part (``zf >= share``) and ``zf / (1 - share)`` when it cannot (the smaller
+    reading the count allows). Gradients whose non-zero entries have an RMS under
+    ``min_rms_in_eps * stats.eps`` (100 by default) are skipped: so small a gradient is grad.vanishing's
+    case, and low-precision underflow (exact zeros from float16's 6e-8) is near. An all-zero gradient
     (norm exactly 0) is 1.
     """
     pi = rule.info.params.get(name)
@@ -52,7 +72,9 @@ def excess_zero_fraction(
     rms_alive = stats.norm / math.sqrt(finite * (1.0 - zf))  # RMS of the entries that are not zero
     if not (rms_alive >= min_rms_in_eps * rule.ctx.eps):
         return None
-    return max(0.0, zf - share) / (1.0 - share)
+    if zf >= share:  # the key part may be among the zeros (exactly zero by design): the rest's zeros
+        return (zf - share) / (1.0 - share)
+    return zf / (1.0 - share)  # the key part cannot all be zero: every counted zero is in the rest
 
 
 def biases_before_norm(rule: Rule, record: StepRecord) -> set[str]:
@@ -80,9 +102,10 @@ def _owner(rule: Rule, name: str) -> str:
 class GradZeroFraction(Rule):
     """``grad.zero_fraction``: the playbook's "Recent avg zeros" for every parameter.
 
-    Value: the share of the gradient's entries with |g| <= ``stats.eps``, beyond the known-normal zeros,
+    Value: the share of the gradient's entries that are exactly zero, beyond the known-normal zeros,
     averaged over the last ``rules.smoothing`` sampled steps. Defaults from the field note: under 5 %
-    healthy, 5–10 % warning, 10 % and over critical.
+    healthy, 5–10 % warning, 10 % and over critical. Steps the GradScaler skipped and steps with a
+    non-finite gradient are left out (:func:`judged_step`).
     """
 
     code = "grad.zero_fraction"
@@ -95,6 +118,8 @@ class GradZeroFraction(Rule):
         self.recent = Series(self.settings.smoothing)
 
     def check(self, record: StepRecord) -> None:
+        if not judged_step(record):
+            return
         step = record.step
         zero_matrix = self._zero_matrix(record)
         before_norm = biases_before_norm(self, record)
@@ -171,34 +196,38 @@ class GradZeroFraction(Rule):
             )
 
     def _explain_fused(self, name: str, stats: Stats, step: int | None) -> None:
-        """The field note's '33 % zeros in in_proj_bias': say (on request) that the key third is normal."""
+        """The field note's '33 % zeros in in_proj_bias': say (on request) that the key part is normal.
+
+        Said whatever the count: the key part's gradient is exactly zero only when nothing reaches the scores,
+        a rounding residue (~1e-9) otherwise — not counted as zero here, but what the field note's |g| < 1e-8
+        counted."""
         pi = self.info.params.get(name)
         share = pi.key_bias_share if pi is not None else 0.0
         zf = stats.zero_fraction
-        level = self.threshold(name).shown
-        if not 0 < share < 1 or zf != zf or zf < 0.9 * share or zf < (level if level is not None else 0.05):
+        if not 0 < share < 1 or zf != zf:
             return
         self.note(
             name,
             step,
             zf,
-            f"{H.pct(zf)} of the gradient of `{name}` is zero, and {H.pct(share)} of it is the key-projection "
-            "bias of a fused q,k,v projection: softmax ignores a constant added to a row of scores, so that part "
-            "gets exactly zero gradient. This is the field note's '33 % zeros in in_proj_bias' — normal, not "
-            "attention death; the rule judges only the rest of the bias",
+            f"{H.pct(share)} of `{name}` is the key-projection bias of a fused q,k,v projection: softmax ignores a "
+            "constant added to a row of scores, so that part gets no gradient (exactly zero in theory, a rounding "
+            "residue of ~1e-9 in practice, which a |g| < 1e-8 count reads as zero). This is the field note's "
+            f"'33 % zeros in in_proj_bias' — normal, not attention death; {H.pct(zf)} of the bias's entries are "
+            "exactly zero now, and the rule judges only the rest of the bias",
         )
 
     def _message(self, name: str, value: float, stats: Stats) -> str:
         n = len(self.recent.values(name))
         pi = self.info.params.get(name)
         text = (
-            f"{H.pct(value)} of the gradient entries of `{name}` are zero (|g| <= {H.fmt(self.ctx.eps)}), "
+            f"{H.pct(value)} of the gradient entries of `{name}` are exactly zero, "
             f"averaged over the last {n} sampled step{'s' if n != 1 else ''}: units that pass no gradient"
         )
         if pi is not None and pi.key_bias_share > 0:
             text += (
                 f". `{name}` holds a key-projection bias: its key part ({H.pct(pi.key_bias_share)} of the "
-                "entries) gets exactly zero gradient under softmax — normal, the field note's '33 % zeros "
+                "entries) gets no gradient under softmax — normal, the field note's '33 % zeros "
                 "in in_proj_bias' — and is left out of this figure; the rest is not normal"
             )
         return text
@@ -232,7 +261,7 @@ class GradMissing(Rule):
         self.streak: dict[str, int] = {}
 
     def check(self, record: StepRecord) -> None:
-        if not record.grads:  # no backward this step: nothing is "missing"
+        if not record.grads or record.scaler_skipped:  # no backward (or a skipped one): nothing is "missing"
             return
         step = record.step
         ran = {c[0] for c in record.act_calls}
@@ -289,8 +318,13 @@ class GradNonfinite(Rule):
     """``grad.nonfinite``: NaN or ±Inf entries in a parameter's gradient.
 
     Value: the number of non-finite entries. Critical from one. With a ``GradScaler`` handed to the
-    monitor, a step it skips is normal while it calibrates its scale: only a streak of
-    ``rules.scaler_patience`` (3) sampled steps in a row is reported.
+    monitor, a step it skipped while the loss was finite (or not logged) is how the scaler works — float16
+    gradients overflowed at the current scale, the optimizer did not run, the scale halves — and is not
+    judged here: ``amp.skips`` and ``amp.scale_collapse`` say when the skipping is no longer normal. A
+    non-finite loss stays critical, skipped or not: no scale repairs it. When the monitor has a scaler but
+    no skip information for the step (the scaler did not step inside ``mon.step``), only a streak of 3
+    sampled steps in a row is reported. Without a scaler (bfloat16 autocast, float32) nothing skips the
+    step: a non-finite gradient reaches the optimizer and is critical at once.
     """
 
     code = "grad.nonfinite"
@@ -311,11 +345,22 @@ class GradNonfinite(Rule):
             for target in self.open_targets():
                 self.release(target, step, 0)
             return
+        loss = record.scalars.get("loss")
+        loss_finite = loss is None or math.isfinite(loss)
+        if record.scaler_skipped and loss_finite:  # the scaler's normal overflow: it skipped this step
+            self.streak = 0
+            self.note("", step, len(bad), f"{len(bad)} of {len(record.grads)} parameters have non-finite "
+                      "gradients in a step the GradScaler skipped, with a finite loss: float16 gradients "
+                      "overflowed at the current loss scale, the optimizer did not run and the scale halves; "
+                      "normal (amp.skips and amp.scale_collapse say when it is not)")
+            for target in self.open_targets():
+                self.release(target, step, 0)
+            return
         self.streak += 1
-        if self.info.scaler and self.streak < self.SCALER_PATIENCE:
+        unknown = record.amp is None or record.amp.skipped is None  # no skip information for this step
+        if unknown and self.info.scaler and self.streak < self.SCALER_PATIENCE and loss_finite:
             return
         total = len(record.grads)
-        loss = record.scalars.get("loss")
         for name, st in bad:
             self.judge(
                 name,
@@ -337,7 +382,9 @@ class GradNonfinite(Rule):
         )
         if loss is not None:
             text += f"; the loss was {'finite' if math.isfinite(loss) else 'non-finite'} ({H.fmt(loss)})"
-        if self.info.scaler:
+        if self.info.scaler and loss is not None and not math.isfinite(loss):
+            text += "; the GradScaler skips such steps, but the loss itself is non-finite: no scale repairs it"
+        elif self.info.scaler:
             text += f"; the GradScaler has skipped {self.streak} sampled steps in a row"
         return text
 
@@ -402,8 +449,8 @@ class GradNormSpike(Rule):
         self.streak = 0  # sampled steps in a row above the warning level
 
     def check(self, record: StepRecord) -> None:
-        if not record.grads or any(r.stats.nonfinite > 0 for r in record.grads.values()):
-            return  # grad.nonfinite speaks for non-finite gradients
+        if not record.grads or not judged_step(record):
+            return  # grad.nonfinite (and, for skipped steps, amp.*) speaks for non-finite gradients
         step = record.step
         gn = record.grad_norm
         med = self.baseline.median()
@@ -542,6 +589,8 @@ class GradVanishing(Rule):
         return pi is None or (not pi.embedding and pi.key_bias_share < 1.0)
 
     def check(self, record: StepRecord) -> None:
+        if not judged_step(record):
+            return
         rmss = {}
         before_norm = biases_before_norm(self, record)
         for name, rec in record.grads.items():
@@ -616,8 +665,8 @@ class GradDeadTrend(Rule):
     summary = "zero-gradient fraction rising steadily (progressive death), before it crosses its threshold"
     MIN_TAU = 0.6
     FLOOR = 0.01
-    # a trend is read at the 1-3 % level, where small-but-alive gradients already put a few percent of
-    # entries under eps: judge only gradients whose live entries have an RMS of 1000 eps (1e-5) or more
+    # a trend is read at the 1-3 % level: judge only gradients whose live entries have an RMS of 1000 eps
+    # (1e-5) or more, far from where low-precision gradients start to underflow into exact zeros
     MIN_RMS_IN_EPS = 1000.0
 
     def __init__(self, ctx: RuleContext):
@@ -626,6 +675,8 @@ class GradDeadTrend(Rule):
         self.scale = Series(self.settings.window)
 
     def check(self, record: StepRecord) -> None:
+        if not judged_step(record):
+            return
         step = record.step
         before_norm = biases_before_norm(self, record)
         for name, rec in record.grads.items():
@@ -659,9 +710,9 @@ class GradDeadTrend(Rule):
 
     @staticmethod
     def _shrinking(scales: list[float]) -> bool:
-        """The gradient's RMS fell by more than half across the window: more entries drop under eps because
-        the whole gradient got smaller (grad.vanishing's business), not because units died. Dying units
-        lower the RMS only by sqrt(alive share)."""
+        """The gradient's RMS fell by more than half across the window: the whole gradient got smaller
+        (grad.vanishing's business; in low precision more entries underflow to zero), not because units
+        died. Dying units lower the RMS only by sqrt(alive share)."""
         k = max(1, len(scales) // 3)
         return median(scales[-k:]) < 0.5 * median(scales[:k])
 

@@ -14,7 +14,7 @@ from stethoscope.record import StepRecord, UpdateRecord
 from stethoscope.rules import hints as H
 from stethoscope.rules._series import Series, median
 from stethoscope.rules.base import Rule, RuleContext, register_rule
-from stethoscope.rules.grads import MIN_RMS_IN_EPS, rms
+from stethoscope.rules.grads import MIN_RMS_IN_EPS, judged_step, rms
 from stethoscope.rules.thresholds import Threshold
 
 
@@ -29,7 +29,8 @@ class UpdateRatio(Rule):
 
     Normal and skipped: parameters that started at zero (zero-initialised biases: their ratio is huge for
     a while, Adam's fixed step against a tiny norm); steps that did not move a parameter at all (a learning
-    rate of 0 during warm-up, a step the GradScaler skipped); embeddings and key-projection biases, whose
+    rate of 0 during warm-up); steps the GradScaler skipped and steps with a non-finite gradient (an update
+    made of clipping's zeros and NaN is grad.nonfinite's case); embeddings and key-projection biases, whose
     gradients are partly or wholly zero by design, on the low side. The learning rate quoted in messages is
     read from the optimizer when the step is flushed (at the next step boundary), so a scheduler may
     already have moved it by one step.
@@ -50,6 +51,8 @@ class UpdateRatio(Rule):
         self.seen: set[str] = set()
 
     def check(self, record: StepRecord) -> None:
+        if not judged_step(record):
+            return
         step = record.step
         for name, u in record.updates.items():
             if name not in self.seen:

@@ -221,7 +221,7 @@ def test_grad_zero_fraction_opens_on_dead_units_and_closes_with_hysteresis():
     assert (e["target"], e["severity"], e["threshold"], e["step"]) == ("fc.weight", "critical", 0.10, 0)
     assert e["value"] == pytest.approx(0.20)
     assert e["message"].startswith(
-        "20.0 % of the gradient entries of `fc.weight` are zero (|g| <= 1.00e-08), averaged over the last 1 "
+        "20.0 % of the gradient entries of `fc.weight` are exactly zero, averaged over the last 1 "
         "sampled step: units that pass no gradient"
     )
     feed(rule, zf_step(1, {"fc.weight": 45}, n=1000))  # 4.5 % < 5 %, but not clear of it by the 0.8 margin
