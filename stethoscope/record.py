@@ -59,7 +59,9 @@ class StepRecord:
     missing_grads: list[str] = field(default_factory=list)
     updates: dict[str, UpdateRecord] = field(default_factory=dict)
     # Every module call in finish order (post-hook order: a child before its parent):
-    # (name, output path, call index, non-finite count, inputs were finite)
+    # (name, output path, call index, non-finite count, inputs were finite). The count is of the output's
+    # entries (NaN or ±Inf); "inputs were finite" means no entry of any floating input (args and kwargs) was
+    # NaN or ±Inf, however large the finite ones (1e37 in float32 is finite; its sum is not).
     act_calls: list[tuple[str, str, int, float, bool]] = field(default_factory=list)
     # Rows of kinds the monitor does not read itself, queued by extensions on the step's collector:
     # kind -> [(Entry, host row)] in queue order (e.g. "attn": per-head attention statistics).
@@ -82,7 +84,11 @@ class StepRecord:
         return math.sqrt(total)
 
     def nonfinite_origin(self) -> tuple[str, str, int] | None:
-        """The first module call to finish with a non-finite output while its inputs were finite."""
+        """The first module call to finish with a non-finite output while its inputs were finite.
+
+        Finite-but-huge inputs count as finite, so a value that overflows inside a module (a LayerNorm's
+        variance of a residual stream near float32's limit) is that module's, not a parent's.
+        """
         for name, output, call, nonfinite, inputs_finite in self.act_calls:
             if nonfinite > 0 and inputs_finite:
                 return name, output, call

@@ -435,8 +435,10 @@ def _fused(x: torch.Tensor, eps: float, saturation: float, width: int) -> tuple[
     x = x.reshape(-1, width).to(torch.float32)  # (R, C)
     finite = torch.isfinite(x)
     clean = torch.where(finite, x, 0.0)
-    finite_n = finite.sum(dtype=torch.float32)
-    count = finite_n.clamp_min(1.0)
+    # count the non-finite entries, not the finite ones: a float32 count of 2^24 or more finite entries is
+    # rounded, and numel - that would report a few NaN/Inf in a finite tensor
+    nonfinite = (~finite).sum(dtype=torch.float32)
+    count = (x.numel() - nonfinite).clamp_min(1.0)
     total = clean.sum()
     mean = total / count
     mag = clean.abs()
@@ -451,8 +453,7 @@ def _fused(x: torch.Tensor, eps: float, saturation: float, width: int) -> tuple[
     zero = ((mag <= eps) & finite).sum(dtype=torch.float32)
     saturated = (mag > saturation).sum(dtype=torch.float32)
     dead = (per_feature <= eps).sum(dtype=torch.float32)
-    row = torch.stack([x.numel() - finite_n, total + drift / scale, dev_norm, lo, hi, absmax, zero, saturated,
-                       dead])
+    row = torch.stack([nonfinite, total + drift / scale, dev_norm, lo, hi, absmax, zero, saturated, dead])
     return row, per_feature
 
 

@@ -6,8 +6,12 @@ On sampled steps, for the modules ``stats.modules`` selects, they queue device r
 
 * the output's statistics, one row per floating tensor of the (possibly nested) output;
 * the inputs of linear layers (what a dead-feature check on a projection needs);
-* whether the inputs were finite, as one device scalar per call (a finite sum proves every entry finite),
-  so ``numerics.nonfinite`` can tell the module that *made* a NaN from the ones that passed it on.
+* whether the inputs were finite, as one device scalar per call (0 when every entry is finite), so
+  ``numerics.nonfinite`` can tell the module that *made* a NaN from the ones that passed it on. An input
+  that is the output of a watched module (the usual case: a hidden state) reuses that output's exact
+  non-finite count; any other input is read once for its extremes (NaN and ±Inf show in them). Not a sum:
+  a float32 sum of finite entries overflows to inf once they reach ~1e38 in total (a residual stream at
+  1e37), which proves nothing about any entry.
 
 Nothing here reads a value back from the device.
 """
@@ -50,7 +54,7 @@ class ForwardObserver:
         self.profile = profile  # ModuleProfile (trace.profile) or None
         self.sampling = False
         self.calls: dict[str, int] = {}
-        self.sums: dict[tuple, tuple[Any, torch.Tensor]] = {}  # input sums of the step, per tensor
+        self.sums: dict[tuple, tuple[Any, torch.Tensor]] = {}  # finiteness flags of the step, per tensor
         self.input_flags: dict[str, list[torch.Tensor | None]] = {}
 
     def attach(self, hooks: HookSet, model: nn.Module, module_patterns: Any) -> None:
@@ -133,13 +137,13 @@ class ForwardObserver:
         if not tensors:
             self.input_flags.setdefault(name, []).append(None)
             return
-        # A finite sum proves every entry finite: one device scalar (the sum of the inputs' sums), no host
-        # read; the host reads a non-finite flag as "an input was not finite".
+        # One device scalar, no host read: the sum of the inputs' flags, 0 when every entry of every input is
+        # finite (the flags are counts >= 0 or NaN); the host reads anything else as "an input was not finite".
         if len(tensors) == 1:
-            flag = self.input_sum(tensors[0])
+            flag = self.input_flag(tensors[0])
         else:
             device = tensors[0].device
-            flag = torch.cat([self.input_sum(t).to(device) for t in tensors]).sum().reshape(1)
+            flag = torch.cat([self.input_flag(t).to(device) for t in tensors]).sum().reshape(1)
         # a stack per name: a module that calls itself keeps each call's own flag
         self.input_flags.setdefault(name, []).append(flag)
         if is_linear:
@@ -152,15 +156,20 @@ class ForwardObserver:
             if per_feature is not None and not self.per_call:
                 self.collector.add_feature_absmax(("input", name, ""), per_feature)
 
-    def input_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """(1,) float32 sum of ``t``, once per tensor and step: a hidden state feeds several modules."""
+    def input_flag(self, t: torch.Tensor) -> torch.Tensor:
+        """(1,) float32 device scalar: 0 when every entry of ``t`` is finite, a count > 0 or NaN when not.
+
+        Once per tensor and step (a hidden state feeds several modules): the non-finite count of the
+        statistics row when ``t`` was a watched module's output (:meth:`on_output` leaves it here), else
+        :func:`finite_flag`.
+        """
         key = tensor_key(t)
         hit = self.sums.get(key)
         if hit is not None and hit[0]() is not None:
             return hit[1]
-        s = t.detach().sum(dtype=torch.float32).reshape(1)
-        self.sums[key] = (weakref.ref(t), s)
-        return s
+        flag = finite_flag(t)
+        self.sums[key] = (weakref.ref(t), flag)
+        return flag
 
     def on_output(self, name: str, output: Any) -> None:
         call = self.calls.get(name, 0)
@@ -171,9 +180,28 @@ class ForwardObserver:
             features = t.dim() >= 2
             row, per_feature = self.engine.row(t, features)
             entry = Entry("act", name, path, call, t.numel(), t.shape[-1] if features else 0)
+            if t.element_size() <= 4 and not t.is_complex():  # every finite entry is finite in float32
+                # its exact non-finite count is the flag of a module that takes it as input (no second read)
+                self.sums[tensor_key(t)] = (weakref.ref(t), row[:1])
             if flag is None:  # no floating input: nothing to blame upstream
                 self.collector.add(entry, row)
             else:  # (RAW_WIDTH + 1,) at the host: the row, then the inputs' flag
                 self.collector.add(entry, row, flag.to(row.device))
             if per_feature is not None and not self.per_call:
                 self.collector.add_feature_absmax(("act", name, path), per_feature)
+
+
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """(1,) float32 on ``t``'s device: 0 when every entry of ``t`` is finite, NaN otherwise; no host read.
+
+    One read of ``t`` in its own dtype (no float32 / float64 copy of a half tensor): its extremes, which are
+    entries themselves, so a NaN propagates into them and an infinity is one of them, and ``x * 0`` is 0
+    exactly when ``x`` is finite. A sum would not do: finite entries of 1e37 overflow a float32 sum.
+    """
+    x = t.detach()
+    if x.numel() == 0:
+        return torch.zeros(1, dtype=torch.float32, device=x.device)
+    if x.is_complex():
+        x = torch.view_as_real(x.resolve_conj())
+    lo, hi = torch.aminmax(x)
+    return (lo * 0 + hi * 0).to(torch.float32).reshape(1)

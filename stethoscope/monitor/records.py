@@ -63,7 +63,8 @@ def build_record(step: int | None, pending: dict | None, entries: list[Entry], r
                 order.append(key)
             act_groups[key].append((entry, row))
             if entry.kind == "act":
-                finite_in = not (row.shape[0] > RAW_WIDTH and not math.isfinite(row[RAW_WIDTH]))
+                # the inputs' flag (forward.py): 0 when every input entry was finite, a count or NaN if not
+                finite_in = not (row.shape[0] > RAW_WIDTH and row[RAW_WIDTH] != 0)
                 record.act_calls.append((entry.name, entry.output, entry.call, float(row[0]), finite_in))
         elif entry.kind == "grad":
             st = merge_stats([(row[:RAW_WIDTH], entry.count)], 0, None)

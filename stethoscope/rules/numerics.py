@@ -5,6 +5,12 @@ finish (post-hook order: a child before its parent). A non-finite value born in 
 module's own ``forward`` is that module's: its children's outputs were finite, its own output is not.
 Modules downstream only inherit the value and are never blamed. One finding per episode: it opens at the
 first sampled step with a non-finite module output and closes at the first sampled step without one.
+
+"Inputs were finite" means no entry of a floating input was NaN or ±Inf, decided on the device without a
+host read (``ForwardObserver.input_flag``): an input that a watched module produced reuses that output's
+non-finite count, any other is checked through its extremes. Finite-but-huge inputs count as finite: a
+residual stream at 1e37 whose float32 *sum* overflows still lets the LayerNorm that turns it into inf be
+named, rather than the parent that holds both.
 """
 
 from __future__ import annotations
