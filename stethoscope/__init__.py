@@ -29,6 +29,7 @@ _EXPORTS = {
     "Trace": "stethoscope.trace",
     "HangError": "stethoscope.watchdog",
     "Run": "stethoscope.run",
+    "RunDirWarning": "stethoscope.run",
     "load_run": "stethoscope.run",
     "preflight": "stethoscope.checks",
 }
@@ -44,6 +45,7 @@ __all__ = [
     "PreflightError",
     "Run",
     "RunDirError",
+    "RunDirWarning",
     "StethoscopeError",
     "Trace",
     "__version__",
@@ -65,7 +67,7 @@ if TYPE_CHECKING:
         StethoscopeError,
     )
     from stethoscope.monitor import Monitor
-    from stethoscope.run import Run, load_run
+    from stethoscope.run import Run, RunDirWarning, load_run
     from stethoscope.trace import Trace
     from stethoscope.watchdog import HangError
 

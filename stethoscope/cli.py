@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,44 @@ app = typer.Typer(
 _LEVELS = {"info": 0, "warning": 1, "critical": 2}
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from stethoscope import __version__
+
+        sys.stdout.write(f"stethoscope {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit", is_eager=True,
+                                          callback=_show_version)] = False,
+) -> None:
+    """Diagnose PyTorch and Hugging Face training: what is wrong, where, and what usually fixes it."""
+
+
+def _run_dir_warning() -> type[Warning]:
+    from stethoscope.run import RunDirWarning
+
+    return RunDirWarning
+
+
+def _load_quietly(run_dir: Path):
+    """``load_run`` without Python's warning lines: what it could not read is printed by :func:`_print_problems`."""
+    from stethoscope.run import load_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _run_dir_warning())
+        return load_run(run_dir)
+
+
+def _print_problems(run) -> None:
+    """What could not be read in the run directory, one ``warning:`` line each, on stderr (stdout stays the
+    findings, or the JSON, that a script reads)."""
+    for text in run.problems:
+        sys.stderr.write(f"warning: {text}\n")
+
+
 @app.command()
 def demo(
     steps: Annotated[int | None, typer.Option(help="training steps (default: the demo's own)")] = None,
@@ -34,11 +73,19 @@ def demo(
                                                 "nan, unused-param")] = "none",
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress or summary output")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace the run already in --out")] = False,
 ) -> None:
     """Train the built-in tiny transformer on the bundled corpus with the monitor on."""
     from stethoscope.demo.runner import run_demo
 
-    kwargs = {"out": out, "pathology": pathology, "seed": seed, "quiet": quiet}
+    if out is not None and not overwrite and out.is_dir() and any(out.iterdir()):
+        from stethoscope import rundir as rd
+        from stethoscope.errors import RunDirError
+
+        what = "holds a run" if rd.holds_run(out) else "is not empty"
+        raise RunDirError(f"--out {str(out)!r} {what}; pass --overwrite to replace that run, or choose a new "
+                          "folder (without --out the demo writes a fresh stethoscope-runs/demo-<time>)")
+    kwargs = {"out": out, "pathology": pathology, "seed": seed, "quiet": quiet, "overwrite": overwrite}
     if steps is not None:
         if steps < 1:
             raise StethoscopeError(f"--steps must be at least 1, got {steps}")
@@ -54,11 +101,10 @@ def findings(
                                                      "warning or critical")] = None,
 ) -> None:
     """List the findings of a run, most severe first; --fail-on sets the exit code for CI."""
-    from stethoscope.run import load_run
-
     if fail_on is not None and fail_on not in ("warning", "critical"):
         raise StethoscopeError(f"--fail-on must be 'warning' or 'critical', got {fail_on!r}")
-    run = load_run(run_dir)
+    run = _load_quietly(run_dir)
+    _print_problems(run)
     if as_json:
         out = {"run_dir": str(run.path), "status": run.status, "verdict": run.verdict,
                "incidents": [i.as_dict() for i in run.incidents],
@@ -92,7 +138,11 @@ def report(
 
     from stethoscope.report import write_report
 
-    path = write_report(run_dir)
+    run = _load_quietly(run_dir)
+    with warnings.catch_warnings():  # said once, below, with what loading found
+        warnings.simplefilter("ignore", _run_dir_warning())
+        path = write_report(run)
+    _print_problems(run)
     console = get_console()
     console.print(f"report: {escape(str(path.with_name('report.html')))}", soft_wrap=True)
     console.print(f"report: {escape(str(path))}", soft_wrap=True)
@@ -108,13 +158,24 @@ def trace(
                                                      "folding (default: trace.repeats, 2)")] = None,
     stats: Annotated[bool, typer.Option("--stats", help="cheap output statistics in the tree and trace.jsonl")] = False,
     out: Annotated[Path | None, typer.Option(help="folder for trace.jsonl (default: stethoscope-runs/trace-<time>)")] = None,
-    warmup: Annotated[int, typer.Option(help="untraced forward passes first, so times show steady state")] = 0,
+    warmup: Annotated[int, typer.Option(help="untraced forward passes before the timed one, so times show the "
+                                             "steady state, not first-call costs")] = 2,
     attention: Annotated[bool, typer.Option("--attention", help="step-by-step attention logs (attention "
                                                                 "introspection)")] = False,
+    layers: Annotated[str | None, typer.Option(help="with --attention: the attention layers shown, by position "
+                                                    "(0 is the first), e.g. 0,2 or 0-3 (default: all)")] = None,
+    heads: Annotated[str | None, typer.Option(help="with --attention: the heads shown in each layer, e.g. 0,1 "
+                                                   "(default: all)")] = None,
 ) -> None:
     """One traced forward pass of a local checkpoint: module tree, times, parameters, top-k next tokens."""
     from stethoscope.hf_loading import trace_checkpoint
 
+    if (layers is not None or heads is not None) and not attention:
+        raise StethoscopeError("--layers and --heads select what --attention shows; add --attention")
+    if attention:
+        from stethoscope.attention.stepwise import parse_selection
+
+        picked = {"layers": parse_selection(layers, "layers"), "heads": parse_selection(heads, "heads")}
     console = get_console()
     result = trace_checkpoint(model_dir, text, depth=depth, top_k=top_k, repeats=repeats, stats=stats or None,
                               out=out, warmup=warmup, console=console)
@@ -122,7 +183,7 @@ def trace(
         from stethoscope.attention.stepwise import trace_attention
 
         trace_attention(model_dir, text, out=result["trace_path"].parent / "attention", top_k=top_k,
-                        console=console)
+                        console=console, **picked)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from stethoscope.errors import MissingDependencyError, StethoscopeError
 
 # Architecture names whose output has next-token logits.
 _LM_SUFFIXES = ("LMHeadModel", "ForCausalLM")
+DEFAULT_WARMUP = 2  # untraced passes before the timed one (``stethoscope trace --warmup``)
 
 
 @dataclass
@@ -39,6 +40,38 @@ def _transformers() -> Any:
     with contextlib.suppress(Exception):  # one traced pass: no "Loading weights" progress bar
         transformers.utils.logging.disable_progress_bar()
     return transformers
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.msgpack")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Name an empty or cut-off weights file before transformers fails on it with a message that does not
+    ("header too small", "invalid load key").
+
+    Raises:
+        StethoscopeError: a weights file is empty, or a ``.safetensors`` file is shorter than its own header.
+    """
+    import struct
+
+    for pattern in WEIGHT_FILES:
+        for f in sorted(folder.glob(pattern)):
+            size = f.stat().st_size
+            if size == 0:
+                raise StethoscopeError(
+                    f"{str(f)!r} is empty (0 bytes): the weights were never written or the copy was cut off; "
+                    "save the model again with model.save_pretrained(MODEL_DIR), or copy the file again"
+                )
+            if f.suffix == ".safetensors":
+                with open(f, "rb") as fh:
+                    head = fh.read(8)
+                header = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                if header is None or 8 + header > size:
+                    raise StethoscopeError(
+                        f"{str(f)!r} is truncated ({size:,} bytes, shorter than its own safetensors header "
+                        "says): save the model again with model.save_pretrained(MODEL_DIR), or copy the "
+                        "file again"
+                    )
 
 
 def load_local(path: str | Path) -> LocalCheckpoint:
@@ -67,6 +100,7 @@ def load_local(path: str | Path) -> LocalCheckpoint:
     archs = list(getattr(config, "architectures", None) or [])
     is_lm = any(a.endswith(_LM_SUFFIXES) for a in archs)
     auto = tf.AutoModelForCausalLM if is_lm else tf.AutoModel
+    check_weight_files(folder)
     try:
         model = auto.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
@@ -133,12 +167,17 @@ def trace_checkpoint(
     repeats: int | None = None,
     stats: bool | None = None,
     out: str | Path | None = None,
-    warmup: int = 0,
+    warmup: int = DEFAULT_WARMUP,
     console: Any = None,
 ) -> dict:
     """``stethoscope trace``: one traced forward pass of a local checkpoint, printed and written to trace.jsonl.
 
-    Returns a summary dict (``trace_path``, ``top_k`` — None without a language-model head —, ``modules``).
+    ``warmup`` untraced passes run first (default 2), so the times show the steady state rather than first-call
+    costs (lazy initialisation, allocator growth, kernel selection); the timed pass is the one traced pass,
+    and the printed table says so.
+
+    Returns a summary dict (``trace_path``, ``top_k`` — None without a language-model head —, ``modules``,
+    ``warmup``).
     """
     import datetime as _dt
 
@@ -156,7 +195,8 @@ def trace_checkpoint(
     stats = defaults.stats if stats is None else stats
     if top_k < 0 or depth < 0 or repeats < 1 or warmup < 0:
         raise StethoscopeError(
-            f"--top-k and --depth must be >= 0 and --repeats >= 1 (got {top_k}, {depth}, {repeats})"
+            f"--top-k, --depth and --warmup must be >= 0 and --repeats >= 1 (got {top_k}, {depth}, {warmup}, "
+            f"{repeats})"
         )
     console = console or get_console()
     ckpt = load_local(model_dir)
@@ -179,23 +219,15 @@ def trace_checkpoint(
     console.print(tr.tree(depth=depth, repeats=repeats))
 
     times = tr.module_times()
-    table = Table(title="slowest modules (self time, without child modules)", title_justify="left")
-    for col in ("module", "class", "calls", "self ms", "total ms", "params"):
-        table.add_column(
-            col,
-            justify="right" if col in ("calls", "self ms", "total ms", "params") else "left",
-            overflow="fold",
-        )
-    for row in times[:10]:
-        table.add_row(
-            escape(row["name"] or "<model>"),
-            escape(row["class"]),
-            str(row["calls"]),
-            f"{row['self_ms']:.2f}",
-            f"{row['ms']:.2f}",
-            _count(row["params"]),
-        )
-    console.print(table)
+    passes = (f"1 timed pass after {warmup} warm-up pass{'es' if warmup != 1 else ''}" if warmup
+              else "1 cold pass, no warm-up: first-call costs included (--warmup N)")
+    cells = [[row["name"] or "<model>", row["class"], str(row["calls"]), f"{row['self_ms']:.2f}",
+              f"{row['ms']:.2f}", _count(row["params"])] for row in times[:10]]
+    console.print(fitted_table(
+        f"slowest modules: self time (child modules excluded), {passes}",
+        ["module", "class", "calls", "self ms", "total ms", "params"], cells, console.width,
+        right=(2, 3, 4, 5),
+    ))
 
     children = [(n, c) for n, c in tr.params.items() if n and "." not in n]
     if children:
@@ -205,7 +237,9 @@ def trace_checkpoint(
     predictions = None
     if ckpt.is_lm and top_k > 0:
         predictions = top_k_next(ckpt, output, top_k)
-        table = Table(title=f"top-{top_k} next tokens after {text[-40:]!r}", title_justify="left")
+        # the title on its own line: as a table title it wraps at the narrow table's width
+        console.print(escape(f"top-{top_k} next tokens after {text[-40:]!r}"), soft_wrap=True, style="italic")
+        table = Table()
         for col in ("rank", "token", "id", "prob"):
             table.add_column(col)
         for i, p in enumerate(predictions, 1):
@@ -218,4 +252,24 @@ def trace_checkpoint(
             soft_wrap=True,
         )
     console.print(f"trace: {escape(str(path))}", soft_wrap=True)
-    return {"trace_path": path, "top_k": predictions, "modules": times, "is_lm": ckpt.is_lm}
+    return {"trace_path": path, "top_k": predictions, "modules": times, "is_lm": ckpt.is_lm, "warmup": warmup}
+
+
+def fitted_table(title: str, columns: list[str], rows: list[list[str]], width: int,
+                 right: tuple[int, ...] = ()) -> Any:
+    """A rich table that fits ``width`` without folding a word: every cell on one line, the first column (the
+    names) the only one cut, with "…", when the line is too short; the title wraps between words."""
+    from rich import box
+    from rich.cells import cell_len
+    from rich.markup import escape
+    from rich.table import Table
+
+    widths = [max([cell_len(c)] + [cell_len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    room = width - (sum(widths) - widths[0]) - (3 * len(columns) + 1)  # padding and rules of SIMPLE_HEAD
+    table = Table(title=escape(title), title_justify="left", box=box.SIMPLE_HEAD)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="right" if i in right else "left", no_wrap=True, overflow="ellipsis",
+                         max_width=max(len(col), room) if i == 0 else None, min_width=None if i == 0 else widths[i])
+    for r in rows:
+        table.add_row(*(escape(c) for c in r))
+    return table

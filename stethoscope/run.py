@@ -1,12 +1,16 @@
 """Reading a run directory back: ``st.load_run(path)``.
 
 Findings are folded from their open/update/close events into one row per ``id`` (first step, worst value,
-cleared step); metrics come as pandas DataFrames. A torn last line (the writer was killed) is skipped.
+cleared step); metrics come as pandas DataFrames. A torn last line (the writer was killed) is skipped without
+a word; anything else that cannot be read — a damaged line in the middle of a file, an unreadable
+``meta.json``, a file cut off although the run finished — is skipped too, but said: one sentence per file in
+``run.problems``, each also issued as a :class:`RunDirWarning`.
 A distributed run (``rank0/``, ``rank1/``, ... under the folder) is read as one run with a ``rank`` column.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,11 @@ import pandas as pd
 from stethoscope import rundir as rd
 from stethoscope.errors import RunDirError
 from stethoscope.findings import SEVERITY_RANK
+
+
+class RunDirWarning(UserWarning):
+    """``load_run`` skipped something it could not read in a run directory (the message names the file and
+    the lines); the same sentences are in ``run.problems``."""
 
 
 @dataclass
@@ -180,17 +189,30 @@ def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 class Run:
-    """A run directory read back. Attributes: ``path``, ``meta``, ``findings``, ``events``."""
+    """A run directory read back. Attributes: ``path``, ``meta``, ``findings``, ``events``, ``problems``
+    (what could not be read: one sentence per damaged file, empty for a sound run)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
             raise RunDirError(f"no run directory at {str(self.path)!r}")
+        self.problems: list[str] = []
         self.rank_dirs = sorted(
             (p for p in self.path.glob("rank*") if p.is_dir() and p.name[4:].isdigit()),
             key=lambda p: int(p.name[4:]),
         )
-        top = rd.read_json(self.path / rd.META) if self.rank_dirs else None
+        read: dict[Path, dict | None] = {}
+
+        def meta_of(d: Path) -> dict | None:
+            if d not in read:
+                found: list[str] = []
+                read[d] = rd.read_json(d / rd.META, found)
+                for text in found:
+                    self._problem(text.replace("; ignored", "; the run's status, model and configuration are "
+                                                            "unknown"))
+            return read[d]
+
+        top = meta_of(self.path) if self.rank_dirs else None
         merged = bool(top and top.get("merged"))  # rank 0 merged the ranks at close (docs/distributed.md)
         dirs = [self.path] if ((self.path / rd.META).is_file() and not merged) or not self.rank_dirs \
             else self.rank_dirs
@@ -200,15 +222,56 @@ class Run:
                 "pass the folder given as run_dir"
             )
         self._dirs = dirs
-        self.metas = [rd.read_json(d / rd.META) or {} for d in dirs]
+        self.metas = [meta_of(d) or {} for d in dirs]
         self.meta: dict = top if merged else (self.metas[0] if self.metas else {})
         if merged and not top.get("missing_ranks"):  # the merged events; else the ranks' own, read live
-            self.events: list[dict] = list(rd.read_jsonl(self.path / rd.FINDINGS))
+            self.events: list[dict] = self._read_jsonl(self.path / rd.FINDINGS, top)
         else:
-            self.events = [ev for d in dirs for ev in rd.read_jsonl(d / rd.FINDINGS)]
+            self.events = [ev for d, meta in zip(dirs, self.metas, strict=True)
+                           for ev in self._read_jsonl(d / rd.FINDINGS, meta)]
         self.findings: list[Finding] = fold_findings(self.events)
         self.incidents: list[Incident] = link_incidents(self.findings)
         self._metrics: pd.DataFrame | None = None
+        self._check_complete(merged)
+
+    # ------------------------------------------------------------------ damage
+    def _problem(self, text: str) -> None:
+        if text not in self.problems:
+            self.problems.append(text)
+            warnings.warn(text, RunDirWarning, stacklevel=4)
+
+    def _read_jsonl(self, path: Path, meta: dict | None) -> list[dict]:
+        """A JSONL file's records; damaged lines become one problem sentence for the file. A torn last line
+        is expected of a killed writer, but not of a run that finished (its writers were closed)."""
+        skipped = rd.Skipped()
+        rows = list(rd.read_jsonl(path, skipped))
+        if skipped.lines:
+            n = len(skipped.lines)
+            shown = ", ".join(str(i) for i in skipped.lines[:8]) + (", …" if n > 8 else "")
+            self._problem(f"{path}: {n} line{'s' if n != 1 else ''} could not be read and "
+                          f"{'were' if n != 1 else 'was'} skipped (line{'s' if n != 1 else ''} {shown})")
+        if skipped.torn_last is not None and (meta or {}).get("status") == "finished":
+            self._problem(self._truncated(path))
+        return rows
+
+    def _truncated(self, path: Path) -> str:
+        return (f"{path}: the last line is cut off although the run finished: the file looks truncated, and "
+                "what came after that line is lost")
+
+    def _check_complete(self, merged: bool) -> None:
+        """Cheap checks that a finished run's files are whole: the findings ``meta.json`` counted at close are
+        all there, and ``metrics.jsonl`` does not end in a cut-off line (read fully only when used)."""
+        for d, meta in zip(self._dirs, self.metas, strict=True):
+            if meta.get("status") != "finished":
+                continue
+            if self._metrics is None and rd.tail_is_torn(d / rd.METRICS) is not None:
+                self._problem(self._truncated(d / rd.METRICS))
+        counted = (self.meta.get("verdict") or {}).get("counts") if len(self._dirs) == 1 and not merged else None
+        if isinstance(counted, dict) and self.meta.get("status") == "finished":
+            expected = sum(v for v in counted.values() if isinstance(v, int))
+            if len(self.findings) < expected:
+                self._problem(f"{self._dirs[0] / rd.FINDINGS} holds {len(self.findings)} finding(s) but meta.json "
+                              f"counted {expected} at close: findings are missing from the file (truncated?)")
 
     @property
     def metrics(self) -> pd.DataFrame:
@@ -216,7 +279,7 @@ class Run:
         if self._metrics is None:
             frames = []
             for d, meta in zip(self._dirs, self.metas, strict=True):
-                rows = list(rd.read_jsonl(d / rd.METRICS))
+                rows = self._read_jsonl(d / rd.METRICS, meta)
                 if not rows:
                     continue
                 frame = _numeric(pd.DataFrame.from_records(rows))

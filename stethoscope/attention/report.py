@@ -21,6 +21,7 @@ from stethoscope.report.model import (
     group_frame,
     merge_groups,
     numeric_steps,
+    step_axis,
     step_matrix,
 )
 from stethoscope.report.registry import register_section
@@ -115,7 +116,7 @@ def attention(run: Run) -> Section | None:
                             "matrix": matrix,
                             "rows": groups,
                             "cols": steps,
-                            "xlabel": "step",
+                            "xlabel": step_axis(steps),
                             "cbar": title,
                             "cmap": cmap,
                             "vmin": 0.0,

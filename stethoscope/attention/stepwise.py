@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,8 @@ def step_by_step(
     console: Any = None,
     heatmaps: bool = True,
     show: bool = True,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
 ) -> StepByStep:
     """One forward pass of a short sequence, every attention computation shown and written.
 
@@ -278,6 +281,9 @@ def step_by_step(
         console: a rich console (default: stethoscope's).
         heatmaps: draw one PNG per layer and head (needs ``out_dir``).
         show: print to the console (the log file is written either way).
+        layers: the attention layers to show, by position (0 = the first attention layer the pass ran);
+            None shows every layer. Files and heatmaps hold the same selection.
+        heads: the heads to show in each selected layer (0-based); None shows every head.
 
     Returns:
         a :class:`StepByStep` with every matrix, the loss, the predictions and the file paths.
@@ -326,7 +332,8 @@ def step_by_step(
             "through the transformers attention interface (sdpa / eager) or modules that keep their weights "
             "(keep_attn / last_attn)"
         )
-    heads = [h for call in recorder.calls for h in _heads_of(call, tokens)]
+    all_heads = [h for call in recorder.calls for h in _heads_of(call, tokens)]
+    selected = select_heads(all_heads, layers, heads, notes)
     causal = any(c.causal for c in recorder.calls)
     methods = sorted({"queries and keys (recomputed)" if c.query is not None else "module weights"
                       for c in recorder.calls})
@@ -334,7 +341,7 @@ def step_by_step(
         text=text,
         tokens=tokens,
         input_ids=ids[0].tolist(),
-        heads=heads,
+        heads=selected,
         method=", ".join(methods),
         causal=causal,
         is_lm=_has_lm_head(model),
@@ -359,6 +366,56 @@ def step_by_step(
         result.log_path = out / LOG
     _render(result, console or get_console(), show)
     return result
+
+
+MANY_HEADS = 8  # showing more heads than this without a selection adds a note on how to pick some
+
+
+def parse_selection(text: str | None, what: str) -> list[int] | None:
+    """``"0,2,5-7"`` -> ``[0, 2, 5, 6, 7]`` (None for None or ""); a clear error for anything else."""
+    if text is None or not text.strip():
+        return None
+    out: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise StethoscopeError(
+                f"--{what} takes numbers and ranges such as 0,2,5-7 (0 is the first); got {text!r}"
+            ) from None
+        if first < 0 or last < first:
+            raise StethoscopeError(f"--{what}: {part!r} is not a range of numbers >= 0 (e.g. 0,2,5-7)")
+        out.extend(range(first, last + 1))
+    return sorted(set(out))
+
+
+def select_heads(heads: list[HeadStep], layers: Sequence[int] | None, wanted: Sequence[int] | None,
+                 notes: list[str]) -> list[HeadStep]:
+    """The heads of the selected layers (by position) and head numbers; a note says what was picked, or, for
+    a long unselected pass, how to pick."""
+    names = list(dict.fromkeys(h.layer for h in heads))
+    n_heads = max((h.head for h in heads), default=-1) + 1
+    for sel, count, what in ((layers, len(names), "layers"), (wanted, n_heads, "heads")):
+        bad = [i for i in (sel or []) if i >= count]
+        if bad:
+            raise StethoscopeError(
+                f"--{what} {', '.join(map(str, bad))}: the model has {count} attention {what} (0 to {count - 1})"
+            )
+    if layers is None and wanted is None:
+        if len(heads) > MANY_HEADS:
+            notes.append(f"all {len(heads)} heads of {len(names)} layers are shown; pick some with --layers and "
+                         "--heads (e.g. --layers 0 --heads 0,1; layers= / heads= in Python)")
+        return heads
+    keep_layers = {names[i] for i in layers} if layers is not None else set(names)
+    keep_heads = set(wanted) if wanted is not None else None
+    out = [h for h in heads if h.layer in keep_layers and (keep_heads is None or h.head in keep_heads)]
+    shown_layers = ", ".join(str(i) for i, n in enumerate(names) if n in keep_layers)
+    shown_heads = "all" if keep_heads is None else ", ".join(map(str, sorted(keep_heads)))
+    notes.append(f"showing layers {shown_layers} of {len(names)} and heads {shown_heads} of {n_heads}: "
+                 f"{len(out)} of {len(heads)} heads")
+    return out
 
 
 def _heads_of(call: cap.AttentionCall, tokens: list[str]) -> list[HeadStep]:
@@ -531,8 +588,10 @@ def _render(result: StepByStep, console: Any, show: bool) -> None:
 
 
 def trace_attention(model_dir: str | Path, text: str, out: str | Path, top_k: int = 5, console: Any = None,
-                    max_tokens: int | None = None) -> StepByStep:
-    """``stethoscope trace MODEL_DIR --text ... --attention``: step-by-step mode on a local checkpoint."""
+                    max_tokens: int | None = None, layers: Sequence[int] | None = None,
+                    heads: Sequence[int] | None = None) -> StepByStep:
+    """``stethoscope trace MODEL_DIR --text ... --attention [--layers 0,2 --heads 0]``: step-by-step mode on a
+    local checkpoint, for every attention layer and head or the selected ones."""
     from rich.markup import escape
 
     from stethoscope.console import get_console
@@ -544,7 +603,7 @@ def trace_attention(model_dir: str | Path, text: str, out: str | Path, top_k: in
     tokenizer = _IdsOnly(ckpt.tokenizer) if ckpt.is_lm else ckpt.tokenizer
     console.rule(f"attention step by step · {escape(ckpt.architecture)}", align="left")
     result = step_by_step(ckpt.model, tokenizer, text, out_dir=out, top_k=top_k, console=console,
-                          max_tokens=max_tokens)
+                          max_tokens=max_tokens, layers=layers, heads=heads)
     if result.heatmaps:
         console.print(f"heatmaps: {len(result.heatmaps)} PNG(s) in {escape(str(result.heatmaps[0].parent))}",
                       soft_wrap=True)

@@ -20,7 +20,7 @@ _LEVELS = {"info": 0, "warning": 1, "critical": 2}
 
 def load_checkpoint(path: str | Path) -> tuple[Any, Any]:
     """(model in train mode, tokenizer or None) from a ``save_pretrained`` folder."""
-    from stethoscope.hf_loading import _LM_SUFFIXES, _transformers
+    from stethoscope.hf_loading import _LM_SUFFIXES, _transformers, check_weight_files
 
     folder = Path(path)
     if not (folder / "config.json").is_file():
@@ -34,6 +34,7 @@ def load_checkpoint(path: str | Path) -> tuple[Any, Any]:
         raise StethoscopeError(f"could not read {folder / 'config.json'}: {exc}") from exc
     archs = list(getattr(config, "architectures", None) or [])
     auto = tf.AutoModelForCausalLM if any(a.endswith(_LM_SUFFIXES) for a in archs) else tf.AutoModel
+    check_weight_files(folder)
     try:
         model = auto.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
@@ -54,10 +55,10 @@ def run_check(model_dir: Path, optimizer_config: Path | None, fail_on: str, as_j
               out: Path | None, console: Any) -> int:
     """Run the checks and print them; returns the exit status."""
     from rich.markup import escape
-    from rich.table import Table
 
     from stethoscope.checks import preflight
     from stethoscope.checks.spec import build_optimizer, load_spec
+    from stethoscope.console import SEVERITY_STYLE
 
     if fail_on not in ("warning", "critical"):
         raise StethoscopeError(f"--fail-on must be 'warning' or 'critical', got {fail_on!r}")
@@ -87,11 +88,23 @@ def run_check(model_dir: Path, optimizer_config: Path | None, fail_on: str, as_j
     if not findings:
         console.print("preflight: no problems found")
         return status
-    table = Table(title=f"preflight: {len(findings)} finding(s)", title_justify="left", show_lines=True)
-    for col in ("severity", "code", "target", "what and fix"):
-        table.add_column(col, overflow="fold")
+    # one block per finding, not a table: at 80 columns a four-column table folds names mid-word and
+    # squeezes each explanation into a column a few words wide
+    counts = {lvl: sum(f.severity == lvl for f in findings) for lvl in ("critical", "warning", "info")}
+    console.print(f"[bold]preflight: {len(findings)} finding{'s' if len(findings) != 1 else ''}[/] ("
+                  + ", ".join(f"{n} {lvl}" for lvl, n in counts.items() if n) + ")")
     for f in findings:
-        table.add_row(f.severity, f.code, escape(f.target or "—"),
-                      escape(f.message) + "\n[dim]fix: " + escape(f.hint) + "[/]")
-    console.print(table)
+        style = SEVERITY_STYLE.get(f.severity, "")
+        console.print(f"[{style}]{f.severity}[/] [bold]{escape(f.code)}[/] on [bold]{escape(f.target or '—')}[/]")
+        console.print(escape(_indented(f.message, console.width)), soft_wrap=True)
+        console.print(escape(_indented(f"fix: {f.hint}", console.width)), soft_wrap=True)
     return status
+
+
+def _indented(text: str, width: int) -> str:
+    """``text`` wrapped at word boundaries to ``width``, indented two spaces (a name longer than the line is
+    kept whole, never cut)."""
+    import textwrap
+
+    return textwrap.fill(text, width=max(20, width), initial_indent="  ", subsequent_indent="  ",
+                         break_long_words=False, break_on_hyphens=False)

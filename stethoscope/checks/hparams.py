@@ -33,63 +33,80 @@ def _family(optimizer: Any) -> str | None:
 
 
 def check_lr(optimizer: Any, report: Report) -> None:
+    """Learning rates far from the optimizer family's usual range; groups that share a rate and a problem are
+    one finding (target ``param groups 0, 1 ('blocks')``, or ``all 4 param groups``), not one per group."""
     family = _family(optimizer)
     kind = type(optimizer).__name__
+    low, high = ADAM_LR if family == "adam" else SGD_LR
+    shared: dict[tuple[str, float], list[str]] = {}  # (problem, lr) -> the groups' labels, in order
+    groups = [g for g in getattr(optimizer, "param_groups", []) if g.get("params")]
     for gi, group in enumerate(getattr(optimizer, "param_groups", [])):
         lr = group.get("initial_lr", group.get("lr"))  # a scheduler's warm-up starts from 0: judge its target
         if isinstance(lr, bool) or not isinstance(lr, int | float) or not group.get("params"):
             continue
-        label = f"param group {gi}" + (f" ({group['name']!r})" if isinstance(group.get("name"), str) else "")
+        label = f"{gi}" + (f" ({group['name']!r})" if isinstance(group.get("name"), str) else "")
         if lr <= 0 or not math.isfinite(lr):
+            problem = "zero"
+        elif family in ("adam", "sgd") and lr > high:
+            problem = "high"
+        elif family in ("adam", "sgd") and lr < low:
+            problem = "low"
+        else:
+            continue
+        shared.setdefault((problem, lr), []).append(label)
+    for (problem, lr), labels in shared.items():
+        if len(labels) == 1:
+            label = f"param group {labels[0]}"
+        elif len(labels) == len(groups):
+            label = f"all {len(labels)} param groups"
+        else:
+            label = "param groups " + ", ".join(labels)
+        if problem == "zero":
             report(
                 "preflight.lr", label, "warning",
-                f"{label} has learning rate {lr}: its parameters will not move",
+                f"{label} {'has' if len(labels) == 1 else 'have'} learning rate {lr}: "
+                f"{'its' if len(labels) == 1 else 'their'} parameters will not move",
                 "set a positive learning rate, or freeze those parameters (requires_grad=False) and leave them "
                 "out of the optimizer if that is the intent",
                 value=lr,
             )
-            continue
-        if family == "adam":
-            low, high = ADAM_LR
-            if lr > high:
-                report(
-                    "preflight.lr", label, "warning",
-                    f"{label}: {kind} learning rate {lr:g} is far above the usual range (about 1e-5 to 3e-3): "
-                    "Adam-type optimizers normalise the gradient, so every weight moves by about lr per step "
-                    f"whatever the loss scale — {lr:g} per step is larger than a typical transformer weight (~0.02)",
-                    "use 1e-4 - 1e-3 to train from scratch (smaller for bigger models) and 1e-5 - 1e-4 to fine-tune "
-                    "(2e-5 / 5e-5 are common defaults), with a warm-up",
-                    value=lr, threshold=high,
-                )
-            elif lr < low:
-                report(
-                    "preflight.lr", label, "warning",
-                    f"{label}: {kind} learning rate {lr:g} is far below anything usual: each weight moves by about "
-                    f"{lr:g} per step, so 10,000 steps move it by {lr * 1e4:.1g} — below bfloat16 resolution of a "
-                    "typical weight. (Fine-tuning rates such as 2e-5 are normal; this is 100x smaller)",
-                    "check for a unit slip (1e-8 for 1e-5?) or a scheduler that never leaves warm-up",
-                    value=lr, threshold=low,
-                )
-        elif family == "sgd":
-            low, high = SGD_LR
-            if lr > high:
-                report(
-                    "preflight.lr", label, "warning",
-                    f"{label}: SGD learning rate {lr:g} is far above the usual range (about 1e-3 to 1; 0.1 with "
-                    "momentum 0.9 is a classic for CNNs): SGD steps scale with the gradient, so this diverges "
-                    "unless gradients are tiny",
-                    "use 1e-3 - 0.1 (with momentum) and a warm-up; for transformers prefer AdamW",
-                    value=lr, threshold=high,
-                )
-            elif lr < low:
-                report(
-                    "preflight.lr", label, "warning",
-                    f"{label}: SGD learning rate {lr:g} is far below the usual range (1e-3 to 1): plain SGD does "
-                    "not normalise the gradient, so with typical gradient norms the weights barely move. "
-                    "(Rates like 2e-5 are normal for Adam-type optimizers, not for SGD)",
-                    "raise it (1e-3 - 0.1 with momentum), or use AdamW if the rate was chosen for Adam",
-                    value=lr, threshold=low,
-                )
+        elif family == "adam" and problem == "high":
+            report(
+                "preflight.lr", label, "warning",
+                f"{label}: {kind} learning rate {lr:g} is far above the usual range (about 1e-5 to 3e-3): "
+                "Adam-type optimizers normalise the gradient, so every weight moves by about lr per step "
+                f"whatever the loss scale — {lr:g} per step is larger than a typical transformer weight (~0.02)",
+                "use 1e-4 - 1e-3 to train from scratch (smaller for bigger models) and 1e-5 - 1e-4 to fine-tune "
+                "(2e-5 / 5e-5 are common defaults), with a warm-up",
+                value=lr, threshold=high,
+            )
+        elif family == "adam":
+            report(
+                "preflight.lr", label, "warning",
+                f"{label}: {kind} learning rate {lr:g} is far below anything usual: each weight moves by about "
+                f"{lr:g} per step, so 10,000 steps move it by {lr * 1e4:.1g} — below bfloat16 resolution of a "
+                "typical weight. (Fine-tuning rates such as 2e-5 are normal; this is 100x smaller)",
+                "check for a unit slip (1e-8 for 1e-5?) or a scheduler that never leaves warm-up",
+                value=lr, threshold=low,
+            )
+        elif problem == "high":
+            report(
+                "preflight.lr", label, "warning",
+                f"{label}: SGD learning rate {lr:g} is far above the usual range (about 1e-3 to 1; 0.1 with "
+                "momentum 0.9 is a classic for CNNs): SGD steps scale with the gradient, so this diverges "
+                "unless gradients are tiny",
+                "use 1e-3 - 0.1 (with momentum) and a warm-up; for transformers prefer AdamW",
+                value=lr, threshold=high,
+            )
+        else:
+            report(
+                "preflight.lr", label, "warning",
+                f"{label}: SGD learning rate {lr:g} is far below the usual range (1e-3 to 1): plain SGD does "
+                "not normalise the gradient, so with typical gradient norms the weights barely move. "
+                "(Rates like 2e-5 are normal for Adam-type optimizers, not for SGD)",
+                "raise it (1e-3 - 0.1 with momentum), or use AdamW if the rate was chosen for Adam",
+                value=lr, threshold=low,
+            )
 
 
 def check_clip(max_grad_norm: float | None, report: Report) -> None:

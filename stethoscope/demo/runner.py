@@ -31,6 +31,7 @@ from stethoscope.demo.pathologies import Pathology, get_pathology
 from stethoscope.errors import CriticalFindingError
 
 DEFAULT_STEPS = 300
+PLAIN_PROGRESS_MIN = 50  # without a terminal, runs this long print a progress line at every tenth
 
 
 @dataclass(frozen=True)
@@ -146,17 +147,20 @@ def run_demo(
     seed: int = 0,
     quiet: bool = False,
     config: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Train the demo model with a :class:`stethoscope.Monitor` attached; return the run directory.
 
     Args:
         steps: optimizer steps (the default 300 take ~35 s of CPU time, monitor included).
-        out: the run directory; default ``stethoscope-runs/demo[-PATHOLOGY]-YYYYmmdd-HHMMSS``. A non-empty
-            folder is refused (:class:`~stethoscope.errors.RunDirError`, raised by the monitor).
+        out: the run directory; default a fresh ``stethoscope-runs/demo[-PATHOLOGY]-YYYYmmdd-HHMMSS``. A
+            non-empty folder is refused (:class:`~stethoscope.errors.RunDirError`, raised by the monitor)
+            unless ``overwrite``.
         pathology: ``none`` or one of :data:`stethoscope.demo.pathologies.PATHOLOGIES`.
         seed: seeds the model's initialisation and the batches.
         quiet: print nothing (the monitor's console output included).
         config: the monitor configuration (a YAML path, a dict or a ``stethoscope.Config``).
+        overwrite: replace the run already in ``out`` (``stethoscope demo --overwrite``).
 
     Example:
         >>> run_dir = run_demo(steps=20, out="runs/demo-smoke", quiet=True)  # doctest: +SKIP
@@ -173,7 +177,8 @@ def run_demo(
     run_dir = Path(out) if out is not None else _default_out(path.name)
     console = get_console()
 
-    monitor = Monitor(model, optimizer=optimizer, run_dir=run_dir, config=_monitor_config(config, quiet))
+    monitor = Monitor(model, optimizer=optimizer, run_dir=run_dir, config=_monitor_config(config, quiet),
+                      overwrite=overwrite)
     if not quiet:
         console.print(
             f"[bold]stethoscope demo[/] · TinyGPT {cfg.n_layer}x{cfg.n_embd}, "
@@ -192,8 +197,19 @@ def run_demo(
     last_losses: collections.deque[torch.Tensor] = collections.deque(maxlen=10)
     started = time.perf_counter()
     progress_cm: Any = contextlib.nullcontext()
-    if not quiet:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    # a progress bar with the time left on a terminal; in a log file (no terminal) a plain line at every
+    # tenth of a run of PLAIN_PROGRESS_MIN steps or more, since a bar there prints nothing until the end
+    plain_every = max(1, steps // 10) if not quiet and not console.is_terminal and steps >= PLAIN_PROGRESS_MIN \
+        else 0
+    if not quiet and console.is_terminal:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         progress_cm = Progress(
             TextColumn("training"),
@@ -201,6 +217,8 @@ def run_demo(
             MofNCompleteColumn(),
             TextColumn("{task.fields[loss]}"),
             TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             console=console,
             transient=True,
         )
@@ -218,6 +236,10 @@ def run_demo(
                 if progress is not None:
                     shown = f"loss {loss.item():.3f}" if step % 10 == 0 or step == steps - 1 else None
                     progress.update(task, advance=1, **({"loss": shown} if shown else {}))
+                elif plain_every and (step + 1) % plain_every == 0 and step + 1 < steps:
+                    monitor.flush()  # this step's own line (if any) first
+                    console.print(_progress_line(step + 1, steps, loss.item(), time.perf_counter() - started),
+                                  soft_wrap=True)
     except BaseException as exc:
         # stop_on: critical is a deliberate stop, not a crash (as in Monitor.__exit__)
         status = "finished" if isinstance(exc, CriticalFindingError) else "crashed"
@@ -225,6 +247,7 @@ def run_demo(
             monitor.close(status=status)
         raise
     elapsed = time.perf_counter() - started
+    monitor.flush()  # the last step's console line before the "trained" line, not after it
     if not quiet:
         head = torch.stack(first_losses).mean().item()
         tail = torch.stack(list(last_losses)).mean().item()
@@ -235,6 +258,13 @@ def run_demo(
     if not quiet:
         _print_epilogue(Path(monitor.run_dir), model, path, seed)
     return Path(monitor.run_dir)
+
+
+def _progress_line(done: int, steps: int, loss: float, elapsed: float) -> str:
+    """``demo · step 30/300 (10 %) · loss 2.913 · 4 s elapsed · about 36 s left`` (a log file's progress)."""
+    left = elapsed / done * (steps - done)
+    return (f"demo · step {done}/{steps} ({100 * done // steps} %) · loss {loss:.3f} · {elapsed:.0f} s elapsed · "
+            f"about {left:.0f} s left")
 
 
 def _print_epilogue(run_dir: Path, model: TinyGPT, path: Pathology, seed: int) -> None:

@@ -74,11 +74,14 @@ class Monitor:
             ``named_parameters()`` spell them, with wrapper prefixes (``module.``, ``_orig_mod.``) removed.
         optimizer: its optimizer, if any; gradients are then read at its step pre-hook and updates
             measured around its step. Without one, call :meth:`after_backward`.
-        run_dir: where the run directory goes (default: ``stethoscope-runs/run-<time>``). A non-empty
-            folder is an error unless ``resume=True``.
+        run_dir: where the run directory goes (default: a fresh ``stethoscope-runs/run-<time>``). A folder
+            that is not empty is an error (:class:`~stethoscope.errors.RunDirError`) unless ``overwrite=True``
+            or ``resume=True``.
         config: a path to a YAML file, a dict, or a :class:`~stethoscope.Config`.
         schedule: a ``step -> bool`` callable that overrides the config's ``sampling`` section.
         resume: continue the run directory (and the monitor state saved in it).
+        overwrite: replace the run already in ``run_dir`` (a script run again): the files a monitor writes
+            there are removed first, other files stay; a non-empty folder that holds no run is still refused.
         scaler: the ``torch.amp.GradScaler`` in use, if any, so gradients read before the scaler unscales
             them (in :meth:`after_backward`) are reported unscaled.
 
@@ -95,6 +98,7 @@ class Monitor:
         schedule: Schedule | None = None,
         resume: bool = False,
         scaler: Any = None,
+        overwrite: bool = False,
     ):
         self.disabled = disabled_by_env()
         self._closed = False
@@ -109,7 +113,7 @@ class Monitor:
         self.config = cfg = load_config(config)
         self.schedule: Schedule = schedule if schedule is not None else schedule_from_config(cfg.sampling)
         self.rank, self.world_size = dist_rank()
-        self.run_dir, self._resumed = prepare_run_dir(run_dir, resume, self.rank)
+        self.run_dir, self._resumed = prepare_run_dir(run_dir, resume, self.rank, overwrite)
 
         self._model_ref: Callable[[], nn.Module | None] = weakref.ref(model)
         self._optimizer_ref: Callable[[], Any] = weakref.ref(optimizer) if optimizer is not None else _none
@@ -275,7 +279,8 @@ class Monitor:
             self._forward.end_step()
             if self._sampled and self._profile is not None:
                 self._profile.end_step()
-            self._pipeline.pending = {"step": step, "sampled": self._sampled, "missing": missing}
+            self._pipeline.pending = {"step": step, "sampled": self._sampled, "missing": missing,
+                                      "modes": self._forward.modes() if self._sampled else {}}
             self._engine.new_step()
             if failed is not None and not isinstance(failed, GeneratorExit):
                 self._crash_error = f"{type(failed).__name__}: {failed}"

@@ -61,13 +61,17 @@ def check_arguments(model: Any, optimizer: Any, schedule: Any) -> None:
         raise MonitorUsageError(f"schedule must be a callable step -> bool, got {schedule!r}")
 
 
-def prepare_run_dir(run_dir: str | Path | None, resume: bool, rank: int | None) -> tuple[Path, bool]:
+def prepare_run_dir(run_dir: str | Path | None, resume: bool, rank: int | None,
+                    overwrite: bool = False) -> tuple[Path, bool]:
     """(the run directory, created or checked, ``rank{N}/`` under it when distributed; whether it resumes
-    an earlier run)."""
+    an earlier run). ``overwrite`` replaces the run already there (each rank its own ``rank{N}/``; rank 0
+    also the merged files above them)."""
     base = Path(run_dir) if run_dir is not None else default_run_dir()
     if rank is not None:
+        if overwrite and rank == 0 and base.is_dir() and rd.holds_run(base):
+            rd.clear_run(base, ranks=False)  # the merged meta/findings of the earlier run
         base = base / f"rank{rank}"
-    path = rd.prepare(base, resume)
+    path = rd.prepare(base, resume, overwrite)
     return path, resume and (path / rd.META).is_file()
 
 

@@ -21,6 +21,7 @@ ConfigArg = Annotated[
     Path, typer.Argument(help="the probe YAML config (see docs/probing.md)", show_default=False)
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+SYNTH_OUTPUTS = ("wav", "metadata.csv", "texts.json", "synth.json", "probe.yaml")  # what `synth OUT_DIR` writes
 
 
 def _fail(exc: Exception) -> None:
@@ -64,6 +65,8 @@ def synth(
     duration: Annotated[float, typer.Option(help="seconds per item (varies +-20%)")] = 0.5,
     sample_rate: Annotated[int, typer.Option(help="Hz")] = 16000,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="write into a folder that is not empty (replaces wav/, "
+                                        "metadata.csv, texts.json, synth.json and probe.yaml there)")] = False,
 ) -> None:
     """Write a synthetic audio set with planted attributes, plus a ready-to-run probe.yaml beside it."""
     from stethoscope.console import get_console
@@ -94,10 +97,24 @@ def synth(
         )
     except ValidationError as exc:
         _fail(ValueError(str(exc)))
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        _fail(ValueError(f"OUT_DIR {str(out)!r} is a file; pass a folder"))
+    existing = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    replaced = [n for n in SYNTH_OUTPUTS if n in existing]
+    if existing and not force:
+        shown = ", ".join(existing[:4]) + (", …" if len(existing) > 4 else "")
+        what = (f"holds a synthetic set ({', '.join(replaced)})" if replaced
+                else f"is not empty ({len(existing)} entries: {shown})")
+        _fail(ValueError(f"OUT_DIR {str(out)!r} {what}; pass --force to write the set there (replacing "
+                         f"{', '.join(SYNTH_OUTPUTS)}; other files stay), or choose a new folder"))
     path = _guard(write_synthetic, out_dir, cfg, seed=seed)
-    yaml_path = Path(out_dir) / "probe.yaml"
+    yaml_path = out / "probe.yaml"
     yaml_path.write_text(_starter_config(sample_rate), encoding="utf-8")
-    get_console().print(f"wrote {path} and {yaml_path}; next: stethoscope probe run {yaml_path}")
+    console = get_console()
+    if replaced:
+        console.print(f"replaced {', '.join(replaced)} in {out}", soft_wrap=True)
+    console.print(f"wrote {path} and {yaml_path}; next: stethoscope probe run {yaml_path}", soft_wrap=True)
 
 
 def _starter_config(sample_rate: int) -> str:

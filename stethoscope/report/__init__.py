@@ -43,17 +43,18 @@ def render_markdown(run: Run) -> str:
     return render_markdown_content(build(run))
 
 
-def write_report(run_dir: str | Path, plots: bool = True) -> Path:
+def write_report(run_dir: str | Path | Run, plots: bool = True) -> Path:
     """Write ``report.html`` and ``report.md`` (figures in ``report_files/``) into the run directory.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory (or the :class:`~stethoscope.run.Run` already read from it).
         plots: draw the figures (about 0.1–0.3 s each with matplotlib); False writes the same pages with
             the tables only.
 
     Returns the path of ``report.md``; ``report.html`` sits beside it.
     """
-    run = load_run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir)
+    run_dir = run.path
     content = build(run)
     if not plots:
         for section in content.sections:

@@ -31,6 +31,7 @@ from stethoscope.report.model import (
 )
 from stethoscope.report.registry import section_builders
 from stethoscope.run import Finding, Run
+from stethoscope.units import with_unit
 
 __all__ = [
     "MAX_COLS",
@@ -83,8 +84,8 @@ def finding_rows(run: Run) -> list[FindingRow]:
                     code=f.code,
                     target=_target(f.target) + (f" ({members})" if members else "")
                     + (f" (rank {f.rank})" if f.rank is not None else ""),
-                    value=fmt(f.worst_value),
-                    threshold=fmt(f.threshold),
+                    value=with_unit(f.code, f.worst_value, f.target, f.data, f.value),  # units: stethoscope/units.py
+                    threshold=with_unit(f.code, f.threshold, f.target, f.data, f.value),
                     started="preflight" if f.first_step is None else str(f.first_step),
                     cleared="still open" if f.cleared_step is None else str(f.cleared_step),
                     when=when(f),

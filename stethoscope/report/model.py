@@ -294,6 +294,45 @@ def step_matrix(df: pd.DataFrame, column: str, rows: list[str], how: str = "max"
     return matrix, steps
 
 
+def step_spacing(steps: list) -> str:
+    """How the sampled steps of a heatmap's columns are spaced, when unevenly: ``"0–9 every step, then
+    50–250 every 50"`` (a column is a sampled step, not a fixed stretch of training); "" when even.
+
+    >>> step_spacing([0, 1, 2, 3, 50, 100, 150]), step_spacing([0, 50, 100])
+    ('0–3 every step, then 50–150 every 50', '')
+    """
+    xs = [int(x) for x in steps]
+    if len(xs) < 3 or len(set(np.diff(xs).tolist())) == 1:
+        return ""
+    runs: list[list[int]] = [[xs[0]]]  # greedy: a run keeps the spacing of its first two steps
+    for x in xs[1:]:
+        run = runs[-1]
+        if len(run) == 1 or x - run[-1] == run[1] - run[0]:
+            run.append(x)
+        else:
+            runs.append([x])
+    words = []
+    for run in runs:
+        if len(run) <= 2:
+            words.append(", ".join(map(str, run)))
+        else:
+            d = run[1] - run[0]
+            words.append(f"{run[0]}–{run[-1]} " + ("every step" if d == 1 else f"every {d}"))
+    return ", then ".join(words)
+
+
+def step_axis(steps: list) -> str:
+    """A heatmap's x label: ``sampled step``, saying so when the columns are not evenly spaced."""
+    spacing = step_spacing(steps)
+    return f"sampled step (uneven: {spacing})" if spacing else "sampled step"
+
+
+def nothing_to_see(matrix: np.ndarray, floor: float = 1e-3) -> bool:
+    """Whether a heatmap of shares would be one flat dark colour: no cell reaches ``floor`` (0.1 %)."""
+    finite = matrix[np.isfinite(matrix)] if matrix.size else matrix
+    return finite.size == 0 or float(np.max(finite)) < floor
+
+
 def group_lines(df: pd.DataFrame, column: str, groups: list[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """One thinned (label, steps, values) series of ``column`` per group, in the order of ``groups``."""
     series = []

@@ -20,17 +20,36 @@ from stethoscope.run import Run, load_run
 VERDICT_STYLE = {"healthy": "bold green", "warning": "bold yellow", "critical": "bold red"}
 
 
-def findings_table(run: Run, title: str | None = None) -> Table:
-    """The findings as a rich table, incident by incident (a consequence under its root, marked ``↳``)."""
-    table = Table(title=title, show_lines=False, expand=False)
-    for col in ("#", "severity", "code", "target", "value", "threshold", "when"):
-        table.add_column(col, overflow="fold")
-    for f in build(run, findings_only=True).findings:
-        style = SEVERITY_STYLE.get(f.severity, "")
-        table.add_row(
-            "↳" if f.consequence else str(f.incident), f"[{style}]{f.severity}[/]", escape(f.code),
-            escape(f.target), f.value, f.threshold, f.when,
-        )
+def findings_table(run: Run, title: str | None = None, width: int | None = None) -> Table:
+    """The findings as a rich table, incident by incident (a consequence under its root, marked ``↳``).
+
+    Narrow enough for 80 columns, and nothing is folded mid-word ("act.dead_feat/ures"): each finding's code
+    and target share a cell on two lines, every line stays whole, "steps" is short (``0 → open``, ``3 → 12``:
+    the first step and the step it cleared), and only a target too long for the line (``width``, default the
+    console's) is cut, with "…" (``stethoscope findings`` prints it whole).
+    """
+    from rich import box
+    from rich.cells import cell_len
+
+    columns = ("#", "severity", "finding", "value", "threshold", "steps")
+    rows = [
+        ("↳" if f.consequence else str(f.incident), f.severity, (f.code, f.target), f.value, f.threshold,
+         f"{f.started} → {'open' if f.cleared == 'still open' else f.cleared}")
+        for f in build(run, findings_only=True).findings
+    ]
+    widths = [max([cell_len(col)] + [max(map(cell_len, r[i])) if i == 2 else cell_len(r[i]) for r in rows])
+              for i, col in enumerate(columns)]
+    width = width or get_console().width
+    # SIMPLE_HEAD: a space of padding either side of a cell, a blank rule between columns and at both edges
+    room = width - (sum(widths) - widths[2]) - (3 * len(columns) + 1)
+    table = Table(title=title, show_lines=False, expand=False, box=box.SIMPLE_HEAD)
+    for i, col in enumerate(columns):
+        table.add_column(col, no_wrap=True, overflow="ellipsis",
+                         max_width=max(len(col), room) if i == 2 else None, min_width=None if i == 2 else widths[i])
+    for r in rows:
+        style = SEVERITY_STYLE.get(r[1], "")
+        table.add_row(r[0], f"[{style}]{r[1]}[/]", f"{escape(r[2][0])}\n[dim]{escape(r[2][1])}[/]",
+                      *(escape(c) for c in r[3:]))
     return table
 
 

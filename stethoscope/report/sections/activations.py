@@ -14,8 +14,10 @@ from stethoscope.report.model import (
     Table,
     fmt,
     group_frame,
+    nothing_to_see,
     numeric_steps,
     pct,
+    step_axis,
     step_matrix,
 )
 from stethoscope.report.registry import register_section
@@ -36,6 +38,20 @@ def activations(run: Run) -> Section | None:
         "the share of features that are zero for every input (dead units), worst module per "
         "block.",
     )
+    # The model's own outputs (``<model>``: logits, a loss) are not activations, and the module that produces
+    # them (``lm_head``) gives logits, where values beyond ±3 are normal: no saturation is shown for them,
+    # and the model's output rows, which repeat that module's, are left out.
+    heads = output_modules(acts)
+    acts = acts[acts["name"] != ""]
+    if acts.empty:
+        return None
+    if heads and "saturation_fraction" in acts:
+        acts = acts.assign(saturation_fraction=acts["saturation_fraction"].where(~acts["name"].isin(heads)))
+        section.notes.append(
+            f"{', '.join(f'`{h}`' for h in heads)} produce{'s' if len(heads) == 1 else ''} the model's output "
+            "(logits): values beyond the saturation bound are normal there, so no saturation is shown for "
+            f"{'it' if len(heads) == 1 else 'them'}."
+        )
     if "dead_features" in acts:
         # dead_features is a count of features; the share of the output's features reads across layers
         feats = acts["features"].astype(float) if "features" in acts else pd.Series(np.nan, index=acts.index)
@@ -49,6 +65,14 @@ def activations(run: Run) -> Section | None:
         if col not in df or df[col].notna().sum() == 0:
             continue
         matrix, steps = step_matrix(df, col, groups, how="max")
+        rows = [g for g, row in zip(groups, matrix, strict=True) if np.isfinite(row).any()]  # not lm_head's
+        matrix = matrix[[i for i, row in enumerate(matrix) if np.isfinite(row).any()]]
+        if nothing_to_see(matrix):  # one flat dark picture: a word says it better
+            section.notes.append(
+                f"{title.capitalize()}: none — no module reached 0.1 % at any of the {len(steps)} sampled steps "
+                f"(largest {pct(np.nanmax(matrix))}), so its heatmap is left out."
+            )
+            continue
         panels.append(
             Plot(
                 f"act-{col}",
@@ -56,9 +80,9 @@ def activations(run: Run) -> Section | None:
                 "heatmap",
                 {
                     "matrix": matrix,
-                    "rows": groups,
+                    "rows": rows,
                     "cols": steps,
-                    "xlabel": "sampled step",
+                    "xlabel": step_axis(steps),
                     "cbar": "fraction",
                     "vmin": 0.0,
                     "vmax": max(0.05, float(np.nanmax(matrix)) if np.isfinite(matrix).any() else 1.0),
@@ -67,16 +91,18 @@ def activations(run: Run) -> Section | None:
             )
         )
     if panels:
+        words = {"act-saturation_fraction": "share of output entries with |x| above the saturation bound",
+                 "act-dead_fraction": "share of output features zero for every input row"}
+        sides = ["Left", "Right"] if len(panels) == 2 else ["Shown"]
         section.plots.append(
             Plot(
                 "activations",
-                "Saturation and dead features per layer",
+                "Saturation and dead features per layer" if len(panels) == 2 else panels[0].title + " per layer",
                 "panels",
                 {},
                 panels=panels,
-                caption="Left: share of output entries with |x| above the "
-                "saturation bound. Right: share of output features zero for every input row. "
-                "Worst module of each row, per sampled step.",
+                caption=" ".join(f"{side}: {words[p.id]}." for side, p in zip(sides, panels, strict=True))
+                + " Worst module of each row, one column per sampled step.",
             )
         )
     last_step = acts["step"].max()
@@ -114,3 +140,17 @@ def activations(run: Run) -> Section | None:
             )
         )
     return section if section.plots or section.tables else None
+
+
+def output_modules(acts: pd.DataFrame) -> list[str]:
+    """The modules whose output is one of the model's own outputs (the rows named ""): same step, same
+    number of entries, same mean and std — the language-model head that gives the logits, typically."""
+    outs = acts[acts["name"] == ""]
+    if outs.empty or not {"mean", "std", "count"} <= set(acts.columns):
+        return []
+    keys = ["step", "count"]
+    inner = acts[acts["name"] != ""]
+    both = inner.merge(outs[[*keys, "mean", "std"]], on=keys, suffixes=("", "_out"))
+    same = np.isclose(both["mean"].astype(float), both["mean_out"].astype(float), rtol=1e-9, atol=0) & np.isclose(
+        both["std"].astype(float), both["std_out"].astype(float), rtol=1e-9, atol=0)
+    return sorted(set(both.loc[same, "name"]))

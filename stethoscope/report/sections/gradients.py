@@ -16,8 +16,10 @@ from stethoscope.report.model import (
     fmt,
     group_frame,
     group_lines,
+    nothing_to_see,
     numeric_steps,
     pct,
+    step_axis,
     step_matrix,
     top_note,
 )
@@ -81,25 +83,14 @@ def gradients(run: Run) -> Section | None:
             else:
                 agg = df.groupby(["group", "step"], sort=False)["zero_fraction"].mean().reset_index()
             matrix, steps = step_matrix(agg, "zero_fraction", groups, how="max")
-            section.plots.append(
-                Plot(
-                    "grad-zero",
-                    "Zero-gradient fraction, layer × step",
-                    "heatmap",
-                    {
-                        "matrix": matrix,
-                        "rows": groups,
-                        "cols": steps,
-                        "xlabel": "sampled step",
-                        "cbar": "zero fraction",
-                        "vmin": 0.0,
-                        "vmax": 1.0,
-                        "cmap": "magma",
-                    },
-                    caption="Share of gradient entries that are (near) zero. Rows turning bright from left to right "
-                    "are the picture of progressive gradient death.",
+            if nothing_to_see(matrix):  # a picture of one dark colour says less than one word
+                section.notes.append(
+                    "Zero-gradient fraction: none — no block had 0.1 % or more of its gradient entries at zero "
+                    f"at any of the {len(steps)} sampled steps (largest {pct(np.nanmax(matrix))}), so the "
+                    "layer × step heatmap is left out."
                 )
-            )
+            else:
+                section.plots.append(_zero_heatmap(matrix, groups, steps))
         last_step = present["step"].max()
         last = present[present["step"] == last_step]
         cols = [c for c in ("norm", "zero_fraction", "absmax", "nonfinite") if c in last]
@@ -142,3 +133,23 @@ def gradients(run: Run) -> Section | None:
             )
         )
     return section if section.plots or section.tables else None
+
+
+def _zero_heatmap(matrix: np.ndarray, groups: list[str], steps: list) -> Plot:
+    return Plot(
+        "grad-zero",
+        "Zero-gradient fraction, layer × step",
+        "heatmap",
+        {
+            "matrix": matrix,
+            "rows": groups,
+            "cols": steps,
+            "xlabel": step_axis(steps),
+            "cbar": "zero fraction",
+            "vmin": 0.0,
+            "vmax": 1.0,
+            "cmap": "magma",
+        },
+        caption="Share of gradient entries that are (near) zero. Rows turning bright from left to right are the "
+        "picture of progressive gradient death. One column per sampled step.",
+    )
