@@ -81,6 +81,10 @@ class RulesConfig(StrictModel):
     min_history: int = Field(5, ge=3, description="sampled steps a trend needs before it is judged")
     min_rows: int = Field(16, ge=1, description="rows (batch x positions) needed to call a feature dead")
     max_open: int = Field(8, ge=1, description="most findings one rule keeps open at once (worst first)")
+    aggregate_min: int = Field(
+        4, ge=0, description="new targets of one code, severity and cause in one step from which they are one "
+        "finding with a scope (0 or 1: never)"
+    )
     explain_normal: bool = Field(False, description="info findings for known-normal zeros and ratios")
     saturation_modules: str | list[str] = Field(
         "auto", description="'auto' = projections feeding a saturating activation; else module patterns"

@@ -57,6 +57,9 @@ class StepRecord:
     inputs: dict[tuple, ActRecord] = field(default_factory=dict)  # inputs of linear layers
     grads: dict[str, GradRecord] = field(default_factory=dict)
     missing_grads: list[str] = field(default_factory=list)
+    # how modules ran on a sampled step: "no_grad" (training mode, autograd off) and "recomputed" (inside
+    # backward: activation checkpointing) module names; see ForwardObserver.modes
+    forward_modes: dict[str, list[str]] = field(default_factory=dict)
     updates: dict[str, UpdateRecord] = field(default_factory=dict)
     # Every module call in finish order (post-hook order: a child before its parent):
     # (name, output path, call index, non-finite count, inputs were finite). The count is of the output's
@@ -75,9 +78,13 @@ class StepRecord:
 
     @property
     def grad_norm(self) -> float:
-        """Global L2 norm over the finite entries of every read gradient."""
+        """Global L2 norm of every read gradient; NaN when any gradient holds a NaN or Inf (as
+        ``clip_grad_norm_``'s total norm would be non-finite: a norm over the finite entries only would read
+        as healthy, even 0, while every entry is NaN)."""
         total = 0.0
         for rec in self.grads.values():
+            if rec.stats.nonfinite > 0:
+                return math.nan
             n = rec.stats.norm
             if n == n:
                 total += n * n

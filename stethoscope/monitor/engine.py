@@ -61,11 +61,14 @@ class StatsEngine:
         self._dedup[key] = (weakref.ref(t), result)
         return result
 
-    def compute(self, t: torch.Tensor, features: bool, feats: list | None) -> torch.Tensor:
-        """The eager engine, or the compiled one where ``stats.compile`` asks for it (see CompiledStats)."""
+    def compute(self, t: torch.Tensor, features: bool, feats: list | None, eps: float | None = None) -> torch.Tensor:
+        """The eager engine, or the compiled one where ``stats.compile`` asks for it (see CompiledStats).
+
+        ``eps``: entries with ``|x| <= eps`` count as zero (default ``stats.eps``; gradients pass 0: only exact
+        zeros are dead, see docs/findings.md#gradzero_fraction)."""
         cfg = self.cfg
+        eps = cfg.eps if eps is None else eps
         mode = cfg.compile
         if mode == "always" or (mode == "auto" and t.device.type == "cuda"):
-            return self._compiled(t, cfg.eps, cfg.saturation, features, feats, self._scratch)
-        return tensor_stats(t, cfg.eps, cfg.saturation, features=features, feature_absmax=feats,
-                            scratch=self._scratch)
+            return self._compiled(t, eps, cfg.saturation, features, feats, self._scratch)
+        return tensor_stats(t, eps, cfg.saturation, features=features, feature_absmax=feats, scratch=self._scratch)

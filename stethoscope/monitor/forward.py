@@ -18,6 +18,7 @@ Nothing here reads a value back from the device.
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -38,6 +39,24 @@ LINEAR_TYPES = ("Linear", "Conv1D", "NonDynamicallyQuantizableLinear", "LazyLine
 Guard = Callable[..., Any]  # guard(where, fn, *args): run fn, an exception becomes a monitor.error finding
 
 
+def _in_checkpoint() -> bool:
+    """True when called from inside ``torch.utils.checkpoint`` (a reentrant checkpoint's no-grad forward)."""
+    frame = sys._getframe(2)
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(("utils/checkpoint.py", "utils\\checkpoint.py")):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (a forward called now is a checkpoint's recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 class ForwardObserver:
     """Hook bodies for module forwards and the per-step state they keep (see the module docstring).
 
@@ -56,6 +75,8 @@ class ForwardObserver:
         self.calls: dict[str, int] = {}
         self.sums: dict[tuple, tuple[Any, torch.Tensor]] = {}  # finiteness flags of the step, per tensor
         self.input_flags: dict[str, list[torch.Tensor | None]] = {}
+        self.no_grad: set[str] = set()
+        self.recomputed: set[str] = set()
 
     def attach(self, hooks: HookSet, model: nn.Module, module_patterns: Any) -> None:
         """Hook every module of ``model`` once; statistics for the names ``module_patterns`` selects."""
@@ -74,6 +95,17 @@ class ForwardObserver:
         self.calls = {}
         self.sums = {}
         self.input_flags = {}
+        self.no_grad: set[str] = set()  # ran in training mode with autograd off (no gradient can come back)
+        self.recomputed: set[str] = set()  # checkpointed: recomputed in backward, or a reentrant first pass
+
+    def modes(self) -> dict[str, list[str]]:
+        """How the modules ran this sampled step: ``no_grad`` and ``recomputed`` module names.
+
+        Reentrant activation checkpointing (``torch.utils.checkpoint(..., use_reentrant=True)``, Hugging Face's
+        ``gradient_checkpointing_enable()`` default in many versions) runs a block's forward with autograd off
+        and again inside backward: with inputs that need no gradient (frozen embeddings), nothing in the block
+        gets one. Rules read these to name that cause."""
+        return {"no_grad": sorted(self.no_grad), "recomputed": sorted(self.recomputed)}
 
     def end_step(self) -> None:
         self.sampling = False
@@ -95,6 +127,13 @@ class ForwardObserver:
             hb.enter(name)
             if not self.sampling:
                 return None
+            if module.training:
+                if not torch.is_grad_enabled():
+                    self.no_grad.add(name)
+                    if _in_checkpoint():
+                        self.recomputed.add(name)  # a reentrant checkpoint's first pass (rare: a frame walk)
+                elif _in_backward():
+                    self.recomputed.add(name)
             prof = self.profile
             if not wants_stats:
                 if prof is not None:

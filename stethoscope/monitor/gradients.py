@@ -20,7 +20,6 @@ this step's ``update()`` ride along as one ``amp`` row in that step's transfer (
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -67,10 +66,6 @@ class GradientReader:
         self._marks: list = []  # per watched parameter: (weakref to its grad, version) at step start
         self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
         self._snapshot: list[tuple[torch.device, list[str], list[torch.Tensor], list]] = []
-        # gradients are counted as zero only where exactly zero: the same engine (its scratch buffers and
-        # compiled kernel, a shallow copy) with eps 0 for gradient rows
-        self.grad_engine = copy.copy(engine)
-        self.grad_engine.cfg = _exact_zero(engine.cfg)
         # the scaler's found_inf flag of every scaler step since the last sampled step (device tensors, kept
         # by reference), and those folded into a device count past AMP_FOLD
         self._amp_flags: list[torch.Tensor] = []
@@ -180,7 +175,7 @@ class GradientReader:
             if inv is not None:
                 g = g.float() * inv.to(g.device)
             with no_autocast(g.device):
-                row = self.grad_engine.compute(g, False, None)
+                row = self.engine.compute(g, False, None, eps=0.0)  # a gradient is zero only where exactly 0
             self.collector.add(Entry("grad", name, "", 0, g.numel()), row)
 
     # ------------------------------------------------------------------ the GradScaler
@@ -277,11 +272,3 @@ class GradientReader:
             self.collector.add(Entry("update", "", "", 0, len(names), extra={"names": names}), row)
         self._snapshot = []
 
-
-def _exact_zero(stats_config: Any) -> Any:
-    """The ``stats`` section with eps 0: a gradient entry counts as zero only where it is exactly zero."""
-    if hasattr(stats_config, "model_copy"):
-        return stats_config.model_copy(update={"eps": 0.0})
-    cfg = copy.copy(stats_config)
-    cfg.eps = 0.0
-    return cfg

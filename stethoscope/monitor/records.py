@@ -49,6 +49,7 @@ def build_record(step: int | None, pending: dict | None, entries: list[Entry], r
     ``values``: scalars already on the host (device scalars arrive as ``scalar`` entries)."""
     record = StepRecord(step=step, sampled=bool(pending and pending["sampled"]), epoch=epoch)
     record.missing_grads = list(pending["missing"]) if pending else []
+    record.forward_modes = dict(pending.get("modes") or {}) if pending else {}
     act_groups: dict[tuple, list] = {}
     order: list[tuple] = []
     for entry, row in zip(entries, rows, strict=True):

@@ -243,6 +243,18 @@ class GradZeroFraction(Rule):
         )
 
 
+def _within(module: str, names: set[str]) -> str | None:
+    """The outermost of ``module`` and its ancestors that is in ``names`` (``""`` is the root), or None."""
+    if not names:
+        return None
+    parts = module.split(".") if module else []
+    for i in range(len(parts) + 1):
+        candidate = ".".join(parts[:i])
+        if candidate in names:
+            return candidate
+    return None
+
+
 @register_rule
 class GradMissing(Rule):
     """``grad.missing``: a trainable parameter that got no gradient in a step that had a backward pass.
@@ -265,27 +277,45 @@ class GradMissing(Rule):
             return
         step = record.step
         ran = {c[0] for c in record.act_calls}
+        no_grad = set(record.forward_modes.get("no_grad", ()))
+        recomputed = set(record.forward_modes.get("recomputed", ()))
         for name in record.missing_grads:
             n = self.streak.get(name, 0) + 1
             self.streak[name] = n
             owner = _owner(self, name)
+            # how its module ran: with autograd off (torch.no_grad, or a reentrant checkpoint's first pass),
+            # and again inside backward (the checkpoint's recomputation)
+            off = _within(owner, no_grad)
+            how = "checkpoint" if off is not None and _within(owner, recomputed) is not None else (
+                "no_grad" if off is not None else None)
             self.judge(
                 name,
                 n,
                 step,
-                message=lambda name=name, n=n, owner=owner: self._message(name, n, owner, ran, record),
-                hint=lambda name=name, owner=owner: self._hint(name, owner),
+                message=lambda name=name, n=n, owner=owner, how=how, off=off: self._message(
+                    name, n, owner, ran, record, how, off),
+                hint=lambda name=name, owner=owner, how=how, off=off: self._hint(name, owner, how, off),
+                data={"ran_without_grad": off} if off is not None else None,
             )
         for name in record.grads:
             if self.streak.pop(name, 0):
                 self.release(name, step, 0)
 
-    def _message(self, name: str, n: int, owner: str, ran: set, record: StepRecord) -> str:
+    def _message(self, name: str, n: int, owner: str, ran: set, record: StepRecord, how: str | None = None,
+                 off: str | None = None) -> str:
         text = (
             f"`{name}` requires grad but got no gradient in {n} sampled step{'s' if n != 1 else ''} in a "
             "row, while the rest of the model did"
         )
-        if record.act_calls:
+        if how == "checkpoint":
+            text += (
+                f"; `{off or '<model>'}` runs inside a reentrant activation checkpoint (its forward runs with "
+                "autograd off, the checkpoint recomputes it in backward only for inputs that require grad) and "
+                "its input needs no gradient (a frozen embedding, say), so nothing flows back into it"
+            )
+        elif how == "no_grad":
+            text += f"; `{off or '<model>'}` ran its forward with autograd off (inside torch.no_grad() or similar)"
+        elif record.act_calls:
             if owner in ran:
                 text += (
                     f"; its module `{owner}` ran in forward, so its output does not reach the loss, or "
@@ -295,9 +325,24 @@ class GradMissing(Rule):
                 text += f"; its module `{owner}` produced no output this step: it is probably never called"
         return text
 
-    def _hint(self, name: str, owner: str) -> str:
+    def _hint(self, name: str, owner: str, how: str | None = None, off: str | None = None) -> str:
         pi = self.info.params.get(name)
         opt = "" if pi is None or pi.group is None else " and leave it out of the optimizer"
+        if how == "checkpoint":
+            return H.join(
+                "Reentrant checkpointing passes gradients only to inputs that require grad: use the non-reentrant "
+                "implementation (`torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)`, or "
+                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})` "
+                "for a transformers model)",
+                "or make the checkpointed block's input require grad (`model.enable_input_require_grads()` for a "
+                "transformers model with a frozen embedding, as adapter training does)",
+            )
+        if how == "no_grad":
+            return H.join(
+                f"Run `{off or '<model>'}` with autograd on if it should train (take it out of the torch.no_grad() "
+                "block, or call it outside `torch.inference_mode()`)",
+                f"if it should not train, freeze it (`requires_grad_(False)`){opt}",
+            )
         return H.join(
             f"If `{name}` should not train, freeze it (`requires_grad_(False)`){opt}",
             f"if it should, make sure `{owner}` is called in forward and its output reaches the loss "
@@ -511,6 +556,7 @@ class GradNormSpike(Rule):
         """Tell the other rules a run-wide problem is open: what opens now is likely its consequence."""
         self.ctx.shared["cause"] = {
             "code": self.code,
+            "target": "",  # the whole model's norm: the finding it opens is on the root module
             "step": self.since,
             "what": "a gradient-norm spike",
         }

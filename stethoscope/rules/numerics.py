@@ -103,7 +103,7 @@ class NumericsNonfinite(Rule):
     def _announce(self) -> None:
         """Tell the other rules a NaN episode is open: what opens now is likely its consequence."""
         what = f"a NaN/Inf born in `{self.episode or '<model>'}`"
-        self.ctx.shared["cause"] = {"code": self.code, "step": self.open_step, "what": what}
+        self.ctx.shared["cause"] = {"code": self.code, "target": self.episode, "step": self.open_step, "what": what}
 
     def _weights_nonfinite(self, module: str, record: StepRecord) -> bool:
         for p in self.info.params_of(module):

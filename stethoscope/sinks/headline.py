@@ -32,6 +32,10 @@ def worst_zero_fraction(record: StepRecord, rule: Any = None) -> float | None:
     """
     if not record.grads:
         return None
+    from stethoscope.rules.grads import judged_step
+
+    if not judged_step(record):  # a skipped or clipped-from-inf step: its zeros are not dead units
+        return None
     worst: float | None = None
     if rule is not None:
         from stethoscope.rules.grads import excess_zero_fraction

@@ -83,7 +83,8 @@ def test_functional_op_inside_a_parent_is_the_parents(tmp_path):
     # the gradients inherit it, and their hint points back at the forward origin
     gn = found(run, "grad.nonfinite")
     assert gn and "`block`" in gn[0].hint
-    assert gn[0].data["after"] == "numerics.nonfinite" and "probably a consequence" in gn[0].message
+    assert gn[0].data["after"] == "numerics.nonfinite" and "A consequence: it opened while" in gn[0].message
+    assert gn[0].caused_by == nf[0].id  # one incident: the forward origin and the gradients it poisoned
 
 
 def test_finding_closes_when_the_forward_is_finite_again(tmp_path):
