@@ -67,7 +67,8 @@ class ActDeadFeatures(_Smoothed):
     """
 
     code = "act.dead_features"
-    order = 20
+    order = 8  # before the per-parameter gradient rules: their zeros in this block follow from dead units
+    explains = "dead units"
     thresholds: ClassVar[dict[str, Threshold]] = {"act.dead_features": Threshold(0.10, 0.25)}
     summary = "output features that are zero for every sample (dead ReLUs)"
     MIN_FEATURES = 4

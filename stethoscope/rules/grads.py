@@ -212,8 +212,8 @@ class GradZeroFraction(Rule):
             zf,
             f"{H.pct(share)} of `{name}` is the key-projection bias of a fused q,k,v projection: softmax ignores a "
             "constant added to a row of scores, so that part gets no gradient (exactly zero in theory, a rounding "
-            "residue of ~1e-9 in practice, which a |g| < 1e-8 count reads as zero). This is the field note's "
-            f"'33 % zeros in in_proj_bias' — normal, not attention death; {H.pct(zf)} of the bias's entries are "
+            "residue of ~1e-9 in practice, which a |g| < 1e-8 count reads as zero). This is the "
+            f"familiar '33 % zeros in in_proj_bias' — normal, not attention death; {H.pct(zf)} of the bias's entries are "
             "exactly zero now, and the rule judges only the rest of the bias",
         )
 
@@ -227,7 +227,7 @@ class GradZeroFraction(Rule):
         if pi is not None and pi.key_bias_share > 0:
             text += (
                 f". `{name}` holds a key-projection bias: its key part ({H.pct(pi.key_bias_share)} of the "
-                "entries) gets no gradient under softmax — normal, the field note's '33 % zeros "
+                "entries) gets no gradient under softmax — normal, the familiar '33 % zeros "
                 "in in_proj_bias' — and is left out of this figure; the rest is not normal"
             )
         return text
@@ -235,11 +235,11 @@ class GradZeroFraction(Rule):
     def _hint(self, name: str) -> str:
         owner = _owner(self, name)
         return H.join(
-            "Dead units are usually input-related, not weight-related (the playbook)",
-            H.input_scale(owner),
-            H.layernorm(owner),
-            f"if the zeros appeared after a loss or gradient spike, {H.lower_lr(self.ctx.lr(name))}",
-            H.xavier(owner),
+            "Dead units usually come from what enters the layer (its scale), less often from its weights",
+            H.input_scale(owner, self.info),
+            H.layernorm(owner, self.info),
+            f"if the zeros appeared after a loss or gradient spike, {H.lower_lr(self.ctx.lr(name), self.info.adam_like if self.info.optimizer else None)}",
+            H.xavier(owner, self.info),
         )
 
 
@@ -449,7 +449,7 @@ class GradNonfinite(Rule):
             first = "Find where the forward pass first goes non-finite (numerics.nonfinite)"
         return H.join(
             first,
-            H.lower_lr(self.ctx.lr(name)),
+            H.lower_lr(self.ctx.lr(name), self.info.adam_like if self.info.optimizer else None),
             "in float16 use a GradScaler or bfloat16; gradient clipping does not repair a NaN",
         )
 
@@ -540,7 +540,7 @@ class GradNormSpike(Rule):
                 )
             ),
             hint=lambda: H.join(
-                f"A far too high learning rate: {H.lower_lr(self.ctx.lr(culprit))}",
+                f"A far too high learning rate: {H.lower_lr(self.ctx.lr(culprit), self.info.adam_like if self.info.optimizer else None)}",
                 f"clip gradients at a few times the typical norm (max_grad_norm ≈ {H.fmt(3 * med)})",
                 H.clipping(med),
                 "if it follows a bad batch, skip batches whose loss is non-finite or far off",
@@ -682,7 +682,7 @@ class GradVanishing(Rule):
         return H.join(
             f"Look at what sits between `{owner}` and the loss: a saturating nonlinearity (see act.saturation), "
             "a branch scaled down by a constant, or a missing normalisation",
-            H.layernorm(owner),
+            H.layernorm(owner, self.info),
             H.clipping(None),
             "Adam rescues small gradients only down to its eps (1e-8): below that the parameter stops moving",
         )
@@ -792,10 +792,10 @@ class GradDeadTrend(Rule):
     def _hint(self, name: str) -> str:
         owner = _owner(self, name)
         return H.join(
-            "Act before the plateau (the playbook's 40–60 % zeros)",
-            H.input_scale(owner),
-            H.layernorm(owner),
-            H.lower_lr(self.ctx.lr(name)),
+            "Act before the plateau: once 40–60 % of a layer's gradient is zero, dead units rarely recover",
+            H.input_scale(owner, self.info),
+            H.layernorm(owner, self.info),
+            H.lower_lr(self.ctx.lr(name), self.info.adam_like if self.info.optimizer else None),
         )
 
     def state_dict(self) -> dict:

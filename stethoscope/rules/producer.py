@@ -79,6 +79,9 @@ class FindingProducer:
     code: ClassVar[str] = ""
     thresholds: ClassVar[dict[str, Threshold]] = {}
     clear_factor: ClassVar[float] = 0.8
+    # set by producers whose findings explain others nearby (``act.dead_features``: "dead units"): while one
+    # is open, findings of other codes that open on targets inside its block are linked to it as consequences
+    explains: ClassVar[str | None] = None
 
     def __init__(self, ctx: Any, code: str | None = None, thresholds: dict[str, Threshold] | None = None,
                  clear_factor: float | None = None):
@@ -222,6 +225,8 @@ class FindingProducer:
         open_now = {f.target: f for f in list(log.open.values()) if f.code == self.code}
         member_of = {m: f.target for f in open_now.values() for m in (f.data.get("members") or ())}
         cause = self._cause()
+        for cand in candidates:  # a run-wide cause first; else an open finding that explains this target's block
+            cand.cause = cause if cause is not None else self._local_cause(cand.target)
         existing: dict[str | None, _Candidate] = {}
         new: list[_Candidate] = []
         for cand in candidates:
@@ -230,7 +235,7 @@ class FindingProducer:
                 new.append(cand)
             elif home not in existing:  # the worst member speaks for an aggregate (candidates are sorted)
                 existing[home] = cand if home == cand.target else self._folded(cand, open_now[home])
-        new = self._aggregate(new, cause)
+        new = self._aggregate(new)
         room = max(0, self.ctx.settings.max_open - len(open_now))
         chosen, dropped = list(existing.values()), []
         for cand in new:
@@ -244,8 +249,10 @@ class FindingProducer:
             current = open_now.get(cand.target)
             data, message = cand.data, cand.message
             if current is None:
-                if cand.linked and cause is not None:
-                    data = {**(data or {}), **cause}
+                if cand.linked and cand.cause is not None:
+                    data = {**(data or {}), **cand.cause}
+                if self.explains and not cand.members and cand.target is not None:  # others in its block follow
+                    data = {**(data or {}), "explains": {"what": self.explains, "scope": block_of(cand.target)}}
                 if dropped and k == len(chosen) - 1:
                     data = {**(data or {}), "not_opened": {"count": len(dropped), "targets": dropped[:10]}}
                     message = _not_opened(message, len(dropped))
@@ -260,6 +267,30 @@ class FindingProducer:
             if event is not None:
                 written.append(event)
         return written
+
+    def _local_cause(self, target: str | None) -> dict | None:
+        """``data`` linking a finding on ``target`` to an open finding of another code that explains its block
+        (the narrowest such block), or None."""
+        if target is None:
+            return None
+        best = None
+        for f in list(self.ctx.findings.open.values()):  # the open explaining findings (they survive a resume)
+            explains = f.data.get("explains")
+            if not explains or f.code == self.code:
+                continue
+            scope = explains["scope"]
+            if not (scope == "" or target == scope or target.startswith(scope + ".")):
+                continue
+            if best is None or len(scope) > len(best.data["explains"]["scope"]):
+                best = f
+        if best is None:
+            return None
+        scope = best.data["explains"]["scope"]
+        return {"caused_by": {
+            "id": best.id, "code": best.code, "target": best.target, "step": best.first_step,
+            "reason": f"opened while {best.data['explains']['what']} in `{best.target}` (`{best.code}`, since step "
+                      f"{best.first_step}) were open in the same block `{scope or '<model>'}`",
+        }}
 
     def _cause(self) -> dict | None:
         """``data`` linking a finding that opens now to the open run-wide problem (another code's), or None."""
@@ -298,14 +329,15 @@ class FindingProducer:
             {"worst": cand.target}, cand.higher_is_worse, cand.linked, members,
         )
 
-    def _aggregate(self, new: list[_Candidate], cause: dict | None) -> list[_Candidate]:
+    def _aggregate(self, new: list[_Candidate]) -> list[_Candidate]:
         """New candidates of one severity and cause, ``rules.aggregate_min`` or more, as one candidate each."""
         least = getattr(self.ctx.settings, "aggregate_min", 4)
         if least <= 1 or len(new) < least:
             return new
         groups: dict[tuple, list[_Candidate]] = {}
         for cand in new:
-            groups.setdefault((cand.severity, cand.linked and cause is not None), []).append(cand)
+            link = (cand.cause or {}).get("caused_by", {}).get("id") if cand.linked else None
+            groups.setdefault((cand.severity, link), []).append(cand)
         out: list[_Candidate] = []
         for (severity, _), group in groups.items():
             # info findings (notes that something is normal) stay per target: each says why its target is fine
@@ -319,11 +351,13 @@ class FindingProducer:
                     "scope": scope, "worst": worst.target,
                     "values": {str(c.target): _plain(c.value) for c in group[:20]},
                     "messages": {str(c.target): _text(c.message) for c in group[:20]}}  # each member's own words
-            out.append(_Candidate(
+            agg = _Candidate(
                 worst.severity, worst.badness, scope, worst.value, worst.threshold, worst.step,
                 self._aggregate_message(members, scope, worst), worst.hint, data, worst.higher_is_worse,
                 worst.linked, members,
-            ))
+            )
+            agg.cause = worst.cause
+            out.append(agg)
         out.sort(key=lambda c: (-SEVERITY_RANK[c.severity], -c.badness))
         return out
 
@@ -350,6 +384,16 @@ _NOWHERE = object()
 def _natural(name: str) -> list:
     """Sort key: ``layer.2`` before ``layer.10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def block_of(name: str) -> str:
+    """The block a module belongs to: up to its last numbered part (``transformer.h.1.mlp.act`` ->
+    ``transformer.h.1``), else its parent (``encoder.act`` -> ``encoder``)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
 
 
 def scope_pattern(names: list[str]) -> str:
@@ -410,8 +454,8 @@ def _blocks(members: list[str], scope: str) -> str:
 class _Candidate:
     """A proposed finding, waiting for :meth:`FindingProducer.settle`."""
 
-    __slots__ = ("badness", "data", "higher_is_worse", "hint", "linked", "members", "message", "severity", "step",
-                 "target", "threshold", "value")
+    __slots__ = ("badness", "cause", "data", "higher_is_worse", "hint", "linked", "members", "message", "severity",
+                 "step", "target", "threshold", "value")
 
     def __init__(self, severity: str, badness: float, target: str | None, value: Any, threshold: Any,
                  step: int | None, message: Text, hint: Text, data: dict | None, higher_is_worse: bool,
@@ -420,6 +464,7 @@ class _Candidate:
         self.threshold, self.step, self.message, self.hint = threshold, step, message, hint
         self.data, self.higher_is_worse, self.linked = data, higher_is_worse, linked
         self.members = members
+        self.cause: dict | None = None  # the caused_by link it opens with, decided at settle
 
 
 # ---------------------------------------------------------------------- small helpers

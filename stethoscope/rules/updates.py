@@ -79,9 +79,9 @@ class UpdateRatio(Rule):
                     key="update.ratio",
                     message=lambda name=name, v=value, u=u, lr=lr: self._message_high(name, v, u, lr),
                     hint=lambda lr=lr: H.join(
-                        f"The learning rate is too high for these weights: {H.lower_lr(lr)}",
+                        f"The learning rate is too high for these weights: {H.lower_lr(lr, self.info.adam_like if self.info.optimizer else None)}",
                         "warm the learning rate up over the first few hundred steps",
-                        "the playbook's transformer range is 1e-4 to 5e-4; it found 1e-3 too high",
+                        "for AdamW on a transformer, 1e-4 to 5e-4 is the usual range; 1e-3 is often already too high",
                     ),
                 )
             elif self._low_eligible(name, record) and low.severity(value):
@@ -94,7 +94,7 @@ class UpdateRatio(Rule):
                     hint=lambda: H.join(
                         "The learning rate is too low for these weights (or this parameter's group has "
                         "a different one): raise it",
-                        "the playbook found 1e-5 too slow and 1e-4 to 5e-4 right for its transformer",
+                        "for AdamW on a transformer, 1e-5 is usually too slow and 1e-4 to 5e-4 the usual range",
                         "check the param groups built by name (weight-decay groups often carry their own lr)",
                     ),
                 )

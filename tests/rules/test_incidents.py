@@ -149,6 +149,9 @@ def demo(tmp_path, pathology: str, steps: int) -> tuple[st.Run, str]:
 @pytest.mark.parametrize(("pathology", "steps", "root"), [
     ("nan", 8, "numerics.nonfinite"),
     ("exploding", 12, "grad.norm_spike"),
+    ("dead-relu", 4, "act.dead_features"),
+    ("vanishing", 4, "grad.vanishing"),
+    ("unused-param", 4, "grad.missing"),
 ])
 def test_the_demo_leads_with_the_injected_cause_everywhere(tmp_path, pathology, steps, root):
     run, out = demo(tmp_path, pathology, steps)
@@ -186,3 +189,15 @@ def test_the_nan_demo_folds_its_consequences(tmp_path):
     # every parameter's NaN gradient is one finding (aggregated), not eight cards
     nonfinite = [f for f in run.findings if f.code == "grad.nonfinite"]
     assert len(nonfinite) == 1 and len(nonfinite[0].members) >= 4
+
+
+def test_dead_units_explain_the_zero_gradients_of_their_block(tmp_path):
+    """Dead ReLUs in block 1 zero the gradients of the parameters around them: one incident, not two."""
+    run, _ = demo(tmp_path, "dead-relu", 4)
+    loud = [i for i in run.incidents if i.severity != "info"]
+    assert len(loud) == 1, [(i.root.code, i.root.target) for i in loud]
+    root = loud[0].root
+    assert root.code == "act.dead_features" and root.target == "transformer.h.1.mlp.act"
+    [zf] = [f for f in loud[0].consequences if f.code == "grad.zero_fraction"]
+    assert all(m.startswith("transformer.h.1.") for m in zf.members or [zf.target])
+    assert "in the same block `transformer.h.1`" in zf.data["caused_by"]["reason"]
