@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -37,6 +39,23 @@ def _first_nonfinite(raw, name: str) -> int | None:
     col = raw[name].to_numpy(dtype=float)
     bad = np.flatnonzero(~np.isfinite(col))
     return int(raw.index[bad[0]]) if bad.size else None
+
+
+def _logged(run: Run) -> set[tuple[int, str]]:
+    """(step, name) of every scalar row written, its value a number or not."""
+    df = run.metrics_of("scalar")
+    if df.empty or "name" not in df:
+        return set()
+    df = df[df["step"].notna()]
+    return set(zip(df["step"].astype(int), df["name"], strict=True))
+
+
+def _cell(value: float, logged: bool) -> str:
+    """``nan`` / ``inf`` for a value logged non-finite (never a blank that reads as "not logged"), ``—`` for
+    one not logged at that step."""
+    if logged and isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return cell(value)
 
 
 def _value(frame, step: int, col: str) -> float:
@@ -106,10 +125,11 @@ def training(run: Run) -> Section | None:
     firsts = [b for c in cols if (b := _first_nonfinite(raw, c)) is not None and b in scal.index]
     picks = sorted(set(picks) | set(firsts))
     shown = raw.reindex(index=scal.index) if not raw.empty else scal
+    logged = _logged(run)
     section.tables.append(
         Table(
             ["step", *cols],
-            [[str(s)] + [cell(_value(shown, s, c)) for c in cols] for s in picks],
+            [[str(s)] + [_cell(_value(shown, s, c), (s, c) in logged) for c in cols] for s in picks],
             caption="Logged values at up to 8 steps spread over the run",
         )
     )
