@@ -288,6 +288,11 @@ class GradMissing(Rule):
             off = _within(owner, no_grad)
             how = "checkpoint" if off is not None and _within(owner, recomputed) is not None else (
                 "no_grad" if off is not None else None)
+            if how is None and owner in ran and self._computed_but_unused_by_design(owner):
+                self.note(name, step, n, f"`{name}` gets no gradient: `{owner}` belongs to a transformers pooler, computed "
+                          "in every forward but used only by classification heads — a loss on last_hidden_state "
+                          "ignores it. Normal; freeze it to save its optimizer state")
+                continue
             self.judge(
                 name,
                 n,
@@ -300,6 +305,13 @@ class GradMissing(Rule):
         for name in record.grads:
             if self.streak.pop(name, 0):
                 self.release(name, step, 0)
+
+    def _computed_but_unused_by_design(self, module: str) -> bool:
+        """Inside a transformers pooler (``BertPooler``, ``RobertaPooler``, ...): the base model always computes
+        ``pooler_output``; only a sequence-classification head reads it."""
+        parts = module.split(".")
+        return any(self.info.module_types.get(".".join(parts[:i]), "").endswith("Pooler")
+                   for i in range(len(parts), 0, -1))
 
     def _message(self, name: str, n: int, owner: str, ran: set, record: StepRecord, how: str | None = None,
                  off: str | None = None) -> str:
