@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from stethoscope.record import StepRecord
 from stethoscope.rules.model_info import ModelInfo
-from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings, Text
+from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings
 from stethoscope.rules.thresholds import Threshold, ThresholdResolver, register_threshold
 
 
@@ -155,21 +155,8 @@ class Rule(FindingProducer):
     def info(self) -> ModelInfo:
         return self.ctx.info
 
-    def emit(
-        self,
-        target: str | None,
-        severity: str,
-        value: Any,
-        threshold: Any,
-        step: int | None,
-        message: Text,
-        hint: Text,
-        data: dict | None = None,
-        higher_is_worse: bool = True,
-    ) -> None:
-        """Propose a finding with a severity decided here; written at the step's :meth:`settle` like every
-        other (kept for rules written against 0.1, where it wrote at once)."""
-        self.propose(target, severity, value, threshold, step, message, hint, data, higher_is_worse)
+    # 0.1's name for :meth:`propose`: the finding is written at the step's settle like every other
+    emit = FindingProducer.propose
 
 
 # ---------------------------------------------------------------------- the registry

@@ -24,17 +24,7 @@ from stethoscope.attention.rules import (
 from stethoscope.findings import FindingLog
 from stethoscope.rules.base import RuleContext
 from stethoscope.rules.thresholds import Threshold, threshold_keys
-
-
-class Events:
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def write(self, row: dict) -> None:
-        self.rows.append({k: v for k, v in row.items() if k != "time"})
-
-    def flush(self) -> None:
-        pass
+from tests._events import Events
 
 
 def make(cls, *args, **kwargs):

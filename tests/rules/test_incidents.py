@@ -23,22 +23,10 @@ from stethoscope.rules.base import RuleContext
 from stethoscope.rules.model_info import ModelInfo, ParamInfo
 from stethoscope.rules.producer import FindingProducer, RulesSettings, describe_scope, scope_pattern
 from stethoscope.run import fold_findings
+from tests._events import Events
 
 PARAMS = [f"bert.encoder.layer.{i}.{p}" for i in range(6)
           for p in ("attention.self.query.weight", "attention.self.query.bias", "output.dense.weight")]
-
-
-class Events:
-    """A findings writer stand-in that keeps every event."""
-
-    def __init__(self):
-        self.rows: list[dict] = []
-
-    def write(self, row):
-        self.rows.append(row)
-
-    def flush(self):
-        pass
 
 
 def make(code: str = "grad.missing", **settings) -> tuple[FindingProducer, Events]:

@@ -28,6 +28,7 @@ from stethoscope.rules import grads
 from stethoscope.rules.base import RuleContext, RulesSettings
 from stethoscope.rules.model_info import ModelInfo
 from stethoscope.stats import Stats
+from tests._events import Events
 from tests.rules._helpers import alarms, describe, every_step, found, regression_batch
 
 
@@ -228,15 +229,6 @@ def test_bfloat16_overflow_is_critical_and_its_clipped_zeros_are_not_dead_units(
 
 
 # ---------------------------------------------------------------------------------------------- the rules alone
-class Events:
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def write(self, row: dict) -> None:
-        self.rows.append({k: v for k, v in row.items() if k != "time"})
-
-    def flush(self) -> None:
-        pass
 
 
 def make(cls, info: ModelInfo | None = None, **settings):

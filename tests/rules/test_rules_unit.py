@@ -20,22 +20,12 @@ from stethoscope.rules import acts, grads, numerics, updates
 from stethoscope.rules.base import Rule, RuleContext, RulesSettings
 from stethoscope.rules.model_info import ModelInfo, ParamInfo
 from stethoscope.stats import Stats, tensor_stats
+from tests._events import Events
 
 EPS = 1e-8
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class Events:
-    """Stands in for the findings.jsonl writer: keeps every event (open, update and close), without its time."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
-
-    def write(self, row: dict) -> None:
-        self.rows.append({k: v for k, v in row.items() if k != "time"})
-
-    def flush(self) -> None:
-        pass
 
 
 def make(cls: type[Rule], info: ModelInfo | None = None, **settings) -> tuple[Rule, list[dict]]:
