@@ -176,7 +176,13 @@ def render_html(content: ReportContent, images: dict) -> str:
             )
             + "</tr></thead><tbody>"
         )
-        for i, f in enumerate(c.findings):
+        index = {id(f): i for i, f in enumerate(c.findings)}
+        for f in c.table_rows():
+            if isinstance(f, tuple):
+                parts.append(f'<tr class="consequence"><td class="num">↳</td><td></td><td colspan="6">'
+                             f'<a href="#incident-{f[0]}">+ {f[1]} more consequences</a></td></tr>')
+                continue
+            i = index[id(f)]
             mark = "↳" if f.consequence else str(f.incident)
             parts.append(
                 f'<tr class="{"consequence" if f.consequence else "root"}"><td class="num">{mark}</td>'
@@ -187,7 +193,6 @@ def render_html(content: ReportContent, images: dict) -> str:
                 f'<td class="num">{escape(f.cleared)}</td></tr>'
             )
         parts.append("</tbody></table>")
-        index = {id(f): i for i, f in enumerate(c.findings)}
         for root, consequences in c.by_incident():
             parts.append(f'<div class="incident" id="incident-{root.incident}">')
             parts.append(_finding_card(root, index[id(root)], f"Incident {root.incident} — "))

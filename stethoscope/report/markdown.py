@@ -73,7 +73,10 @@ def render_markdown_content(content: ReportContent, images: dict | None = None) 
     else:
         lines += ["| incident | severity | code | target | value | threshold | when |",
                   "|---|---|---|---|---|---|---|"]
-        for f in c.findings:
+        for f in c.table_rows():
+            if isinstance(f, tuple):
+                lines.append(f"| ↳ | | + {f[1]} more consequences | see incident {f[0]} below | | | |")
+                continue
             mark = "↳ consequence" if f.consequence else str(f.incident)
             lines.append(f"| {mark} | {f.severity} | `{f.code}` | `{_esc(f.target)}` | {f.value} | {f.threshold} "
                          f"| {f.when} |")

@@ -121,6 +121,9 @@ class FindingRow:
     members: int = 0  # targets an aggregated finding stands for (0: one target)
 
 
+TABLE_CONSEQUENCES = 3  # consequences listed under their root in a findings table (the rest counted)
+
+
 @dataclass
 class ReportContent:
     title: str
@@ -144,6 +147,17 @@ class ReportContent:
     @property
     def verdict_line(self) -> str:
         return f"{self.verdict_words} ({self.counts_text})" + (f" — cause: {self.cause}" if self.cause else "")
+
+    def table_rows(self, shown: int = TABLE_CONSEQUENCES) -> list[FindingRow | tuple[int, int]]:
+        """The findings table's rows: each root, then at most ``shown`` of its consequences; the rest of an
+        incident as ``(incident number, how many more)`` — a table folds, the incident cards list them all."""
+        out: list[FindingRow | tuple[int, int]] = []
+        for root, consequences in self.by_incident():
+            out.append(root)
+            out += consequences[:shown]
+            if len(consequences) > shown:
+                out.append((root.incident, len(consequences) - shown))
+        return out
 
     def by_incident(self) -> list[tuple[FindingRow, list[FindingRow]]]:
         """(root, consequences) per incident, in the order the rows come (worst incident first)."""
