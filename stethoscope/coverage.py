@@ -43,9 +43,10 @@ class CoverageExtension(Extension):
         self._run = run
         cfg = run.config
         wanted = make_filter(patterns(cfg.stats.modules))
+        names = [n for n, _ in walk_modules(model)]
         # modules whose outputs the monitor wants statistics of (leaves and containers alike)
-        self.expected: list[str] = [n for n, _ in walk_modules(model) if wanted(n)]
-        self.excluded = sum(1 for n, _ in walk_modules(model) if not wanted(n))
+        self.expected: list[str] = [n for n in names if wanted(n)]
+        self.excluded = len(names) - len(self.expected)
         self.compiled = _compiled(model)
         self.seen: set[str] = set()
         self.sampled_steps = 0

@@ -108,7 +108,7 @@ def fold_findings(events: list[dict]) -> list[Finding]:
         folded.values(),
         key=lambda f: (-SEVERITY_RANK.get(f.severity, 0), f.first_step if f.first_step is not None else -1, f.id),
     )
-    link_incidents(out)
+    _link(out)
     return out
 
 
@@ -145,20 +145,29 @@ class Incident:
                 "consequences": [f.id for f in self.consequences]}
 
 
-def link_incidents(findings: list[Finding]) -> list[Incident]:
-    """Set each finding's ``caused_by`` / ``incident`` and group them: worst incident first, then earliest."""
+def _link(findings: list[Finding]) -> None:
+    """Set each finding's ``caused_by`` (a finding of this run it follows from) and ``incident`` (the root of
+    that chain, its own id for a root)."""
     by_id = {f.id: f for f in findings}
     for f in findings:
         link = f.data.get("caused_by")
         cause = link.get("id") if isinstance(link, dict) else None
         f.caused_by = cause if cause in by_id and cause != f.id else None
-    groups: dict[str, Incident] = {}
-    for f in findings:  # most severe first: a root is met before or after its consequences, either way
+    for f in findings:
         root, seen = f, {f.id}
         while root.caused_by is not None and root.caused_by not in seen:
             seen.add(root.caused_by)
             root = by_id[root.caused_by]
         f.incident = root.id
+
+
+def incidents_of(findings: list[Finding]) -> list[Incident]:
+    """Folded findings (their ``incident`` set by :func:`fold_findings`) grouped: worst incident first, then
+    earliest; consequences in the findings' own order (most severe first)."""
+    by_id = {f.id: f for f in findings}
+    groups: dict[str, Incident] = {}
+    for f in findings:
+        root = by_id.get(f.incident, f)
         incident = groups.setdefault(root.id, Incident(root))
         if f is not root:
             incident.consequences.append(f)
@@ -230,7 +239,7 @@ class Run:
             self.events = [ev for d, meta in zip(dirs, self.metas, strict=True)
                            for ev in self._read_jsonl(d / rd.FINDINGS, meta)]
         self.findings: list[Finding] = fold_findings(self.events)
-        self.incidents: list[Incident] = link_incidents(self.findings)
+        self.incidents: list[Incident] = incidents_of(self.findings)
         self._metrics: pd.DataFrame | None = None
         self._check_complete(merged)
 

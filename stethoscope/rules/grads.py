@@ -238,7 +238,7 @@ class GradZeroFraction(Rule):
             "Dead units usually come from what enters the layer (its scale), less often from its weights",
             H.input_scale(owner, self.info),
             H.layernorm(owner, self.info),
-            f"if the zeros appeared after a loss or gradient spike, {H.lower_lr(self.ctx.lr(name), self.info.adam_like if self.info.optimizer else None)}",
+            f"if the zeros appeared after a loss or gradient spike, {H.lower_lr(self.ctx.lr(name), self.info)}",
             H.xavier(owner, self.info),
         )
 
@@ -461,7 +461,7 @@ class GradNonfinite(Rule):
             first = "Find where the forward pass first goes non-finite (numerics.nonfinite)"
         return H.join(
             first,
-            H.lower_lr(self.ctx.lr(name), self.info.adam_like if self.info.optimizer else None),
+            H.lower_lr(self.ctx.lr(name), self.info),
             "in float16 use a GradScaler or bfloat16; gradient clipping does not repair a NaN",
         )
 
@@ -552,7 +552,7 @@ class GradNormSpike(Rule):
                 )
             ),
             hint=lambda: H.join(
-                f"A far too high learning rate: {H.lower_lr(self.ctx.lr(culprit), self.info.adam_like if self.info.optimizer else None)}",
+                f"A far too high learning rate: {H.lower_lr(self.ctx.lr(culprit), self.info)}",
                 f"clip gradients at a few times the typical norm (max_grad_norm ≈ {H.fmt(3 * med)})",
                 H.clipping(med),
                 "if it follows a bad batch, skip batches whose loss is non-finite or far off",
@@ -807,7 +807,7 @@ class GradDeadTrend(Rule):
             "Act before the plateau: once 40–60 % of a layer's gradient is zero, dead units rarely recover",
             H.input_scale(owner, self.info),
             H.layernorm(owner, self.info),
-            H.lower_lr(self.ctx.lr(name), self.info.adam_like if self.info.optimizer else None),
+            H.lower_lr(self.ctx.lr(name), self.info),
         )
 
     def state_dict(self) -> dict:

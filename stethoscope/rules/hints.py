@@ -42,14 +42,16 @@ def layernorm(module: str, info=None) -> str | None:
 USUAL_MAX_LR = {"adam": 1e-3, "sgd": 0.1}
 
 
-def lower_lr(lr: float | None = None, adam_like: bool | None = None) -> str:
+def lower_lr(lr: float | None = None, info=None) -> str:
     """A concrete learning-rate change: far above the usual range, the usual range; else a third of it.
 
-    ``adam_like``: the optimizer is Adam-family (True), plain SGD-like (False) or unknown (None)."""
+    ``info``: the rule's :class:`~stethoscope.rules.model_info.ModelInfo`, for the optimizer family (Adam-like,
+    SGD-like, or unknown without an optimizer)."""
     if not lr or not math.isfinite(lr):
         return "lower the learning rate (a third of it is a good first try) and restart from the last good checkpoint"
-    usual = {True: USUAL_MAX_LR["adam"], False: USUAL_MAX_LR["sgd"], None: USUAL_MAX_LR["sgd"]}[adam_like]
-    if lr > 10 * usual or (adam_like is None and lr > 10 * USUAL_MAX_LR["adam"] and lr > 1):
+    adam_like = info.adam_like if info is not None and info.optimizer else None
+    usual = USUAL_MAX_LR["adam"] if adam_like else USUAL_MAX_LR["sgd"]
+    if lr > 10 * usual:
         if adam_like is None:
             usual_text = "1e-3 or lower for Adam/AdamW on a transformer, 3e-4 a common start, 0.1 or lower for SGD"
         elif adam_like:

@@ -79,7 +79,7 @@ class UpdateRatio(Rule):
                     key="update.ratio",
                     message=lambda name=name, v=value, u=u, lr=lr: self._message_high(name, v, u, lr),
                     hint=lambda lr=lr: H.join(
-                        f"The learning rate is too high for these weights: {H.lower_lr(lr, self.info.adam_like if self.info.optimizer else None)}",
+                        f"The learning rate is too high for these weights: {H.lower_lr(lr, self.info)}",
                         "warm the learning rate up over the first few hundred steps",
                         "for AdamW on a transformer, 1e-4 to 5e-4 is the usual range; 1e-3 is often already too high",
                     ),

@@ -189,3 +189,17 @@ def test_dead_units_explain_the_zero_gradients_of_their_block(tmp_path):
     [zf] = [f for f in loud[0].consequences if f.code == "grad.zero_fraction"]
     assert all(m.startswith("transformer.h.1.") for m in zf.members or [zf.target])
     assert "in the same block `transformer.h.1`" in zf.data["caused_by"]["reason"]
+
+
+def test_plots_mark_the_first_non_finite_value_not_the_first_unlogged_step(tmp_path):
+    """grad_norm is logged on sampled steps only: a step without it is not a NaN."""
+    from stethoscope.report.sections.training import training
+
+    run, _ = demo(tmp_path, "nan", 40)  # warm-up 0-9 sampled, NaN from step 20 (sampled again from there)
+    panels = {p.title: p for p in training(run).plots[0].panels}
+    marks = {name: [x for x, label in p.data["vlines"] if "non-finite" in label] for name, p in panels.items()}
+    onset = run.incidents[0].first_step
+    assert marks["loss"] and marks["grad_norm"], marks
+    assert marks["grad_norm"][0] >= onset > 10 and marks["loss"][0] <= onset, (marks, onset)
+    md = write_report(run.path, plots=False).read_text(encoding="utf-8")
+    assert "| nan |" in md  # a NaN logged reads nan in the table, never a blank

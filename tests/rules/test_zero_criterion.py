@@ -20,6 +20,7 @@ import stethoscope.stats as stats_mod
 from stethoscope.collector import merge_stats
 from stethoscope.stats import Scratch, tensor_stats
 from tests.rules._helpers import alarms, describe, every_step, found, regression_batch, train
+from tests.rules.test_grad_rules import ReluMLP
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,17 +176,6 @@ def test_small_healthy_attention_gradients_at_initialisation_are_not_dead(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------- still caught
-class ReluMLP(nn.Module):
-    def __init__(self, d_in: int = 16, hidden: int = 64, d_out: int = 4):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden)
-        self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, d_out)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 @pytest.mark.parametrize("dead", [True, False], ids=["dead", "healthy-twin"])
 def test_dead_relus_are_caught(tmp_path, dead):
     torch.manual_seed(0)

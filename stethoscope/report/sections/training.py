@@ -21,33 +21,25 @@ def incident_lines(run: Run) -> list[tuple[int, str]]:
     return out[:10]
 
 
-def _raw_scalars(run: Run):
-    """The scalars with a missing (NaN-written-as-null) value kept as NaN and every step present."""
-    df = run.metrics_of("scalar")
-    if df.empty or "value" not in df:
-        return df
-    df = df[df["step"].notna()].assign(value=pd.to_numeric(df["value"], errors="coerce"))
-    df = df.drop_duplicates(["step", "name"], keep="last")  # pivot_table's "last" would skip the NaNs
-    wide = df.pivot(index="step", columns="name", values="value")
-    wide.index = wide.index.astype(int)
-    return wide.sort_index()
+class _Logged:
+    """The scalar rows as written, read once: a wide frame (NaN both where a value was logged non-finite and
+    where nothing was logged), which (step, name) were logged, and each name's first non-finite step."""
 
-
-def _first_nonfinite(raw, name: str) -> int | None:
-    if raw is None or raw.empty or name not in raw:
-        return None
-    col = raw[name].to_numpy(dtype=float)
-    bad = np.flatnonzero(~np.isfinite(col))
-    return int(raw.index[bad[0]]) if bad.size else None
-
-
-def _logged(run: Run) -> set[tuple[int, str]]:
-    """(step, name) of every scalar row written, its value a number or not."""
-    df = run.metrics_of("scalar")
-    if df.empty or "name" not in df:
-        return set()
-    df = df[df["step"].notna()]
-    return set(zip(df["step"].astype(int), df["name"], strict=True))
+    def __init__(self, run: Run):
+        df = run.metrics_of("scalar")
+        self.wide = pd.DataFrame()
+        self.cells: set[tuple[int, str]] = set()
+        self.first_bad: dict[str, int] = {}
+        if df.empty or "value" not in df:
+            return
+        df = df[df["step"].notna()].assign(value=pd.to_numeric(df["value"], errors="coerce"))
+        df = df.drop_duplicates(["step", "name"], keep="last")  # pivot_table's "last" would skip the NaNs
+        steps = df["step"].astype(int)
+        self.cells = set(zip(steps, df["name"], strict=True))
+        bad = df[~np.isfinite(df["value"].to_numpy(dtype=float))]
+        for name, step in zip(bad["name"], bad["step"].astype(int), strict=True):
+            self.first_bad[name] = min(step, self.first_bad.get(name, step))
+        self.wide = df.assign(step=steps).pivot(index="step", columns="name", values="value").sort_index()
 
 
 def _cell(value: float, logged: bool) -> str:
@@ -81,12 +73,12 @@ def training(run: Run) -> Section | None:
         "norm of every sampled step.",
     )
     vlines = epoch_lines(run)[:40] + incident_lines(run)
-    raw = _raw_scalars(run)
+    logged = _Logged(run)
     panels = []
     names = [c for c in ["loss"] if c in scal] + [c for c in scal.columns if c not in ("loss",)]
     for name in names[:6]:
         col = scal[name].dropna()
-        bad = _first_nonfinite(raw, name)
+        bad = logged.first_bad.get(name)
         if col.empty and bad is None:
             continue
         xs, ys = col.index.to_numpy(), col.to_numpy(dtype=float)
@@ -122,14 +114,13 @@ def training(run: Run) -> Section | None:
         )
     picks = spread(list(scal.index), 8)
     cols = list(scal.columns)[:8]
-    firsts = [b for c in cols if (b := _first_nonfinite(raw, c)) is not None and b in scal.index]
+    firsts = [b for c in cols if (b := logged.first_bad.get(c)) is not None and b in scal.index]
     picks = sorted(set(picks) | set(firsts))
-    shown = raw.reindex(index=scal.index) if not raw.empty else scal
-    logged = _logged(run)
+    shown = logged.wide.reindex(index=scal.index) if not logged.wide.empty else scal
     section.tables.append(
         Table(
             ["step", *cols],
-            [[str(s)] + [_cell(_value(shown, s, c), (s, c) in logged) for c in cols] for s in picks],
+            [[str(s)] + [_cell(_value(shown, s, c), (s, c) in logged.cells) for c in cols] for s in picks],
             caption="Logged values at up to 8 steps spread over the run",
         )
     )
