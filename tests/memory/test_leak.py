@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+
 import numpy as np
 import torch
 from torch import nn
@@ -101,7 +105,6 @@ def test_compare_names_small_detached_tensors_kept_every_step():
 
 
 def test_snapshot_keeps_no_reference_to_any_tensor():
-    import gc
     import weakref
 
     t = torch.randn(1000, 97)  # a shape no other test leaves alive in this process
@@ -114,12 +117,24 @@ def test_snapshot_keeps_no_reference_to_any_tensor():
 
 
 # ---------------------------------------------------------------------------------------------- real loops
+def _return_freed_memory() -> None:
+    """Give the heap that earlier tests freed back to the system, so this loop's RSS starts from what is used.
+
+    glibc keeps freed memory mapped; a leak refills it before RSS grows (docs/memory.md says so to users). In a
+    test process that has already run hundreds of models the pool is larger than this loop's whole leak.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _loop(run_dir, keep, steps: int = 48) -> st.Run:
     """A monitored loop whose step computes a loss under autograd and keeps it with ``keep``.
 
     Nothing calls backward on it (an evaluation loop without ``torch.no_grad()``, or a logged loss that is
     not the one trained on), so a kept tensor keeps its whole graph: about 2 MiB of activations per step.
     """
+    _return_freed_memory()
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(256, 256), nn.GELU()) for _ in range(4)], nn.Linear(256, 1))
     # a window of 16 steps and a 4 MiB threshold keep the test short; the defaults are 50 steps and 32 MiB
