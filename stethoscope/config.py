@@ -220,6 +220,26 @@ class TensorBoardConfig(StrictModel):
     histograms: bool = Field(True, description="per-parameter / per-module histograms on sampled steps")
 
 
+class IncidentsConfig(StrictModel):
+    """Incident capture (docs/replay.md): the batch, RNG states and weights of a step whose loss or gradient
+    went non-finite or spiked, saved to ``incidents/step-<N>/`` for ``stethoscope replay``."""
+
+    enabled: bool = Field(True, description="keep references to each step's forward inputs; save them on an incident")
+    weights: Literal["before_step", "after_step", "off"] = Field(
+        "before_step", description="before_step = read the total gradient norm at the optimizer's step pre-hook and "
+        "copy the weights to the CPU when it is non-finite or spikes; after_step = save them as they are at the "
+        "step's end; off = no weights"
+    )
+    spikes: bool = Field(True, description="loss and gradient-norm spikes open incidents too, not only NaN/Inf")
+    max_batch_mb: float = Field(
+        64.0, gt=0.0, description="past this size every tensor of the batch keeps only its first rows (the most "
+        "that fit); the manifest says how many"
+    )
+    max_weights_mb: float = Field(2048.0, ge=0.0, description="weights larger than this are not saved")
+    max_incidents: int = Field(5, ge=0, description="incident folders written per run at most")
+    max_calls: int = Field(64, ge=1, description="forward calls of the model kept per step (gradient accumulation)")
+
+
 class DistributedConfig(StrictModel):
     """Multi-process runs under torch.distributed (docs/distributed.md)."""
 
@@ -251,6 +271,7 @@ class Config(StrictRootModel):
     report: ReportConfig = Field(default_factory=ReportConfig)
     tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)
     stop_on: Literal["critical"] | None = None
 
     @field_validator("stop_on", mode="before")

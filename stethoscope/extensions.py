@@ -28,6 +28,7 @@ BUILTIN_EXTENSIONS: tuple[str, ...] = (
     "stethoscope.sinks.tensorboard",
     "stethoscope.distributed.extension",
     "stethoscope.coverage",
+    "stethoscope.incidents.extension",
 )
 
 
