@@ -49,6 +49,7 @@ __all__ = [
     "StethoscopeError",
     "Trace",
     "__version__",
+    "compare",
     "load_config",
     "load_run",
     "preflight",
@@ -56,6 +57,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from stethoscope.checks import preflight
+    from stethoscope.compare import compare
     from stethoscope.config import Config, load_config
     from stethoscope.errors import (
         ConfigError,
@@ -73,7 +75,9 @@ if TYPE_CHECKING:
 
 
 # Sub-packages reachable as attributes (``st.attention.step_by_step(...)``), imported on first use.
-_SUBPACKAGES = ("attention",)
+# ``st.compare`` is its package, made callable (``st.compare(a, b, inputs)``): importing a submodule such as
+# ``stethoscope.compare.runs`` binds the package to that attribute, so a function there would be shadowed.
+_SUBPACKAGES = ("attention", "compare")
 
 
 def __getattr__(name: str) -> Any:

@@ -204,6 +204,33 @@ def check(
         raise typer.Exit(code)
 
 
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="a checkpoint folder (save_pretrained) or a run directory")],
+    b: Annotated[Path, typer.Argument(help="the second one, of the same kind")],
+    text: Annotated[list[str] | None, typer.Option("--text", help="input text (repeatable; checkpoints)")] = None,
+    inputs: Annotated[Path | None, typer.Option(help="texts, one per line, or a JSON list (checkpoints)")] = None,
+    mapping: Annotated[list[str] | None, typer.Option("--map", help="B_PREFIX=A_PREFIX module-name mapping "
+                                                                   "(repeatable)")] = None,
+    match: Annotated[str, typer.Option(help="pair modules by name, order (call order) or auto")] = "auto",
+    factor: Annotated[float, typer.Option(help="tolerance in units of the lower dtype's eps")] = 8.0,
+    backward: Annotated[bool, typer.Option("--backward", help="also compare gradients of one backward")] = False,
+    sigmas: Annotated[float, typer.Option(help="runs: step-to-step noise multiples that count as apart")] = 5.0,
+    rtol: Annotated[float, typer.Option(help="runs: relative difference always counted as noise")] = 1e-5,
+    plot: Annotated[Path | None, typer.Option(help="write the figure (error growth / loss curves) here")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the comparison as JSON")] = False,
+) -> None:
+    """Two checkpoints on the same inputs, or two run directories: where they part ways, and by how much.
+    Exit code 0 when they agree, 1 when they differ."""
+    from stethoscope.compare.command import run_compare
+
+    code = run_compare(a, b, text=text, inputs=inputs, mapping=mapping, match=match, factor=factor,
+                       backward=backward, as_json=as_json, plot=plot, sigmas=sigmas, rtol=rtol,
+                       console=get_console())
+    if code:
+        raise typer.Exit(code)
+
+
 def _mount_optional() -> None:
     """Sub-commands that live in their own packages."""
     try:

@@ -69,3 +69,24 @@ class PreflightError(StethoscopeError, ValueError):
         super().__init__(
             f"preflight found {len(self.findings)} problem(s) (strict=True):\n" + "\n".join(lines)
         )
+
+
+class CompareError(StethoscopeError, ValueError):
+    """``st.compare`` / ``stethoscope compare`` cannot compare what it was given (the message says why)."""
+
+
+class StructureMismatchError(CompareError):
+    """Two matched modules return different structures or shapes.
+
+    Attributes:
+        module: the module's name (model A's spelling).
+        shape_a, shape_b: what each model returned there (``(2, 5, 64) float32``, or a list of leaves).
+    """
+
+    def __init__(self, module: str, shape_a: str, shape_b: str, detail: str = ""):
+        self.module, self.shape_a, self.shape_b = module, shape_a, shape_b
+        super().__init__(
+            f"module {module or '<model>'!r} returns {shape_a} in model A but {shape_b} in model B{detail}: the two "
+            "models differ in structure there; compare checkpoints of the same architecture, or pass "
+            "mapping= / --map to pair modules with different names, or match='order'"
+        )
