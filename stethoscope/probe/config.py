@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from stethoscope._strict import StrictModel, read_yaml, validate_config
 from stethoscope.errors import ConfigError
@@ -68,6 +68,10 @@ class FrontEndConfig(StrictModel):
     hop_ms: float = Field(10.0, gt=0)
 
 
+PoolingName = Literal["mean", "std", "mean_std", "max", "first", "last"]
+EXTRACTION_THREADS = 1  # benchmarks/probe_threads.py (docs/probing.md): one thread never lost much, two lost 4x
+
+
 class RepresentationConfig(StrictModel):
     """One representation to probe: a Hugging Face checkpoint, a custom module, or the front end."""
 
@@ -78,13 +82,42 @@ class RepresentationConfig(StrictModel):
     factory_kwargs: dict[str, Any] = Field(default_factory=dict)
     layers: list[str] | Literal["all"] = "all"
     aliases: dict[str, str] = Field(default_factory=dict)
-    pooling: Literal["mean", "mean_std"] = "mean"
+    pooling: PoolingName | list[PoolingName] = "mean"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(256, ge=1)
     device: str = "auto"
+    threads: int | None = Field(EXTRACTION_THREADS, ge=1)
     baseline: bool | None = None
     frontend: FrontEndConfig = FrontEndConfig()
+
+    @field_validator("pooling")
+    @classmethod
+    def _poolings(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one pooling (mean, std, mean_std, max, first, last)")
+            dupes = sorted({p for p in value if value.count(p) > 1})
+            if dupes:
+                raise ValueError(f"pooling lists {', '.join(dupes)} twice")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_specs(cls, value):
+        from stethoscope.probe.taps import parse_tap
+
+        for spec in [] if value == "all" else value:
+            try:
+                parse_tap(spec)
+            except KeyError as exc:  # ProbeLayerError: a malformed tap spec
+                raise ValueError(str(exc)) from None
+        return value
+
+    @property
+    def poolings(self) -> list[str]:
+        """The pooling as a list (one or several)."""
+        return [self.pooling] if isinstance(self.pooling, str) else list(self.pooling)
 
     @model_validator(mode="after")
     def _kind_needs(self):
@@ -163,6 +196,12 @@ class PipelineConfig(StrictModel):
     probe: ProbeConfig = ProbeConfig()
     decision: DecisionConfig = DecisionConfig()
     report: ReportConfig = ReportConfig()
+    _config_dir: Path | None = PrivateAttr(None)
+
+    @property
+    def config_dir(self) -> Path:
+        """The folder relative paths were resolved against (the YAML file's), where factories are found too."""
+        return self._config_dir or Path.cwd()
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -184,6 +223,7 @@ class PipelineConfig(StrictModel):
             p = Path(p).expanduser()
             return p if p.is_absolute() else (base / p).resolve()
 
+        cfg._config_dir = Path(base).resolve()
         cfg.output_dir = fix(cfg.output_dir)
         cfg.dataset.root = fix(cfg.dataset.root)
         for rep in cfg.representations:

@@ -18,9 +18,7 @@ so an interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
-import importlib
 import json
 import re
 import shutil
@@ -34,9 +32,13 @@ import numpy as np
 import torch
 
 from stethoscope.hooks import HookSet
+from stethoscope.probe.config import EXTRACTION_THREADS as DEFAULT_THREADS
 from stethoscope.probe.errors import ProbeLayerError, ProbeModelError
+from stethoscope.probe.pooling import NONE, pool, pool_steps, step_mask, to_steps  # noqa: F401  (pool: API)
+from stethoscope.probe.recurrent import LayerRunner, is_multilayer_rnn, is_state_path, state_to_items
+from stethoscope.probe.taps import Inputs, Tap, parse_tap, rnn_layer_of, select
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CHECKPOINT_SECONDS = 5.0
 _GENERIC = {
     "layer",
@@ -109,7 +111,8 @@ def layer_aliases(module: torch.nn.Module) -> dict[str, str]:
     A block list is a ``ModuleList``/``Sequential`` of two or more children of one class. Its owner is
     the nearest path component that is not generic (``layers``, ``h``, ``model``, ...): ``encoder.layer.3``
     becomes ``encoder_block_03``, ``decoder.layers.8`` ``decoder_block_08``, and ``model.layers.0`` (one
-    list, no owner) ``block_00``. When the model has one block list, ``block_NN`` names it too.
+    list, no owner) ``block_00``. When the model has one block list, ``block_NN`` names it too. The layers
+    of a fused multi-layer RNN ``encoder.lstm`` are ``lstm_layer_NN`` -> ``encoder.lstm.layers.N``.
     """
     lists = _block_lists(module)
     out: dict[str, str] = {}
@@ -120,36 +123,71 @@ def layer_aliases(module: torch.nn.Module) -> dict[str, str]:
         name, n, _ = lists[0]
         for i in range(n):
             out.setdefault(f"block_{i:02d}", f"{name}.{i}" if name else str(i))
+    for name, n, prefix in _rnn_lists(module):
+        for i in range(n):
+            out.setdefault(f"{prefix}{i:02d}", f"{name}.layers.{i}")
     return out
+
+
+def _rnn_lists(module: torch.nn.Module) -> list[tuple[str, int, str]]:
+    """(module name, layers, alias prefix) of every fused recurrent module with two or more layers."""
+    out = []
+    for name, mod in module.named_modules():
+        if is_multilayer_rnn(mod):
+            parts = [p for p in name.split(".") if p and not p.isdigit()]
+            owner = next((p for p in reversed(parts) if p.lower() not in _GENERIC), "")
+            out.append((name, mod.num_layers, f"{owner}_layer_" if owner else "rnn_layer_"))
+    return out
+
+
+def _module_or_rnn_layer(name: str, modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether ``name`` is a module, or ``<rnn>.layers.<k>`` of a fused multi-layer recurrent module."""
+    if name in modules:
+        return True
+    split = rnn_layer_of(name)
+    if split is None or split[0] not in modules or not is_multilayer_rnn(modules[split[0]]):
+        return False
+    rnn = modules[split[0]]
+    if split[1] >= rnn.num_layers:
+        raise ProbeLayerError(
+            f"layer {name!r}: {split[0]} ({type(rnn).__name__}) has {rnn.num_layers} layers, "
+            f"{split[0]}.layers.0 to {split[0]}.layers.{rnn.num_layers - 1}"
+        )
+    return True
 
 
 def resolve_layers(
     module: torch.nn.Module, requested: Sequence[str] | str, extra_aliases: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """Map requested layers (aliases or module names, or ``"all"``) to module names, in request order.
+    """Map requested layers (aliases, module names or tap specs, or ``"all"``) to tap specs on module names.
 
-    ``"all"`` means every block of the model's longest block list, named by its aliases, then the
-    user's aliases.
+    A plain module gives its name (``decoder_block_02`` -> ``decoder.layers.2``); a tap keeps its selector
+    and pooling with the module name swapped in (``encoder_block_03:output[0]@first`` ->
+    ``encoder.layer.3:output[0]@first``); see :mod:`stethoscope.probe.taps`. Aliases may point at taps.
+    ``"all"`` means every block of the model's longest block list, named by its aliases (or, in a model
+    without one, every layer of its deepest multi-layer RNN: ``<owner>_layer_NN``), then the user's aliases.
 
     Raises:
-        ProbeLayerError: an unknown name, with the closest aliases and module names.
+        ProbeLayerError: an unknown name, with the closest aliases and module names; a malformed spec.
     """
     modules = dict(module.named_modules())
     extra = dict(extra_aliases or {})
     aliases = {**layer_aliases(module), **extra}
     for alias, target in extra.items():
-        if target not in modules:
-            close = difflib.get_close_matches(target, list(modules), n=3, cutoff=0.5)
+        tap = parse_tap(target)
+        if not _module_or_rnn_layer(tap.name, modules):
+            close = difflib.get_close_matches(tap.name, list(modules), n=3, cutoff=0.5)
             raise ProbeLayerError(
-                f"alias {alias!r} points at module {target!r}, which {type(module).__name__} does not have"
+                f"alias {alias!r} points at module {tap.name!r}, which {type(module).__name__} does not have"
                 + (f"; closest: {', '.join(close)}" if close else "")
             )
     if requested == "all":
         lists = _block_lists(module)
-        if not lists and not extra:
+        rnns = _rnn_lists(module)
+        if not lists and not rnns and not extra:
             raise ProbeLayerError(
-                f"{type(module).__name__} has no repeated block list to take 'all' from: list layers by "
-                "alias or module name (see model.named_modules())"
+                f"{type(module).__name__} has no repeated block list (nor multi-layer RNN) to take 'all' from: "
+                "list layers by alias or module name (see model.named_modules())"
             )
         names = []
         if lists:
@@ -157,103 +195,69 @@ def resolve_layers(
             weight = {n: sum(p.numel() for p in module.get_submodule(n).parameters()) for n, _, _ in lists}
             name, n, prefix = max(lists, key=lambda x: (x[1], weight[x[0]]))
             names = [f"{prefix}{i:02d}" for i in range(n)]
+        elif rnns:
+            name, n, prefix = max(rnns, key=lambda x: x[1])
+            names = [f"{prefix}{i:02d}" for i in range(n)]
         names += [a for a in extra if a not in names]
     else:
         names = list(requested)
     out: dict[str, str] = {}
     for name in names:
         if name in aliases:
-            out[name] = aliases[name]
-        elif name in modules and name != "":
-            out[name] = name
-        else:
-            close = difflib.get_close_matches(name, [*aliases, *modules], n=3, cutoff=0.5)
+            target = parse_tap(aliases[name])
+            out[name] = str(target)
+            continue
+        tap = parse_tap(name)
+        base = aliases.get(tap.name)
+        if base is not None:  # an alias with a selector / pooling of its own: the spec's win
+            alias_tap = parse_tap(base)
+            tap = tap.with_name(alias_tap.name) if tap.explicit else Tap(
+                alias_tap.name, alias_tap.source, alias_tap.path, tap.poolings or alias_tap.poolings,
+                alias_tap.explicit,
+            )
+        elif not _module_or_rnn_layer(tap.name, modules):
+            close = difflib.get_close_matches(tap.name, [*aliases, *modules], n=3, cutoff=0.5)
             some = ", ".join(list(aliases)[:6])
             raise ProbeLayerError(
-                f"layer {name!r} is neither an alias nor a module of {type(module).__name__}"
+                f"layer {tap.name!r} is neither an alias nor a module of {type(module).__name__}"
                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
                 + (f" (aliases include {some}, ...)" if some else "")
             )
+        out[name] = str(tap)
     return out
 
 
-def _first_tensor(out: Any) -> torch.Tensor | None:
-    """The hidden state in a module output: a tensor, the first of a tuple, ``last_hidden_state``, ..."""
-    if isinstance(out, torch.Tensor):
-        return out if out.is_floating_point() else None
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        if "last_hidden_state" in out:
-            return _first_tensor(out["last_hidden_state"])
-        for v in out.values():
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-        return None
-    if isinstance(out, tuple | list):
-        for v in out:
-            t = _first_tensor(v)
-            if t is not None:
-                return t
-        return None
-    if dataclasses.is_dataclass(out):
-        for f in dataclasses.fields(out):
-            t = _first_tensor(getattr(out, f.name))
-            if t is not None:
-                return t
-    return None
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor | None, mode: str, time_axis: int = 1) -> torch.Tensor:
-    """Pool a layer output over time.
-
-    Args:
-        hidden: (B, T, H) (or the time axis elsewhere, see ``time_axis``); (B, H) is returned as is
-            (with a zero std for ``mean_std``).
-        mask: (B, T_in) valid steps of the input; when T_in differs from this layer's T, each item's
-            valid length is scaled proportionally (ceil).
-        mode: ``mean`` -> (B, H); ``mean_std`` -> (B, 2H) mean then population std.
-        time_axis: where T is in ``hidden``.
-
-    Returns:
-        (B, D) float32.
-    """
-    h = hidden.float()
-    if h.dim() == 2:
-        return h if mode == "mean" else torch.cat([h, torch.zeros_like(h)], dim=1)
-    if time_axis != 1:
-        h = h.movedim(time_axis, 1)
-    h = h.reshape(h.shape[0], h.shape[1], -1)  # (B, T, H)
-    B, T, _ = h.shape
-    if mask is None:
-        m = torch.ones(B, T, dtype=h.dtype, device=h.device)
-    else:
-        mask = mask.to(h.device)
-        if mask.shape[1] == T:
-            m = mask.to(h.dtype)
-        else:
-            valid = torch.ceil(mask.float().sum(1) * (T / mask.shape[1])).clamp(1, T)  # (B,)
-            m = (torch.arange(T, device=h.device)[None] < valid[:, None]).to(h.dtype)
-    n = m.sum(1, keepdim=True).clamp_min(1.0)  # (B, 1)
-    mean = torch.einsum("bth,bt->bh", h, m) / n  # (B, H)
-    if mode == "mean":
-        return mean
-    var = torch.einsum("bth,bt->bh", (h - mean[:, None]).square(), m) / n
-    return torch.cat([mean, var.sqrt()], dim=1)
-
-
 class _Capture:
-    """Forward hooks on named modules that pool each output as it is produced; removed on exit."""
+    """Forward hooks that reduce each tap's tensor to per-item vectors as it is produced; removed on exit.
 
-    def __init__(self, module: torch.nn.Module, layers: dict[str, str], mode: str, time_axis: int):
-        self.module, self.layers, self.mode, self.time_axis = module, layers, mode, time_axis
+    One hook per module serves all of its taps (output, input, per-layer RNN outputs), and every pooling of
+    a tap is computed from the one captured tensor: ``pooled[alias]`` is ``{pooling: (B, D)}``, or
+    ``{"none": (B, D)}`` for a 2-D output stored as it is.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, layers: dict[str, str], mode: str | Sequence[str], time_axis: int
+    ):
+        self.module, self.layers, self.time_axis = module, layers, time_axis
+        self.modes = [mode] if isinstance(mode, str) else list(mode)
         self.mask: torch.Tensor | None = None
-        self.pooled: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, dict[str, torch.Tensor]] = {}
         self.hooks = HookSet("probe features")
+        modules = dict(module.named_modules())
+        self.by_module: dict[str, list[tuple[str, Tap, int | None]]] = {}
+        for alias, spec in layers.items():
+            tap = parse_tap(spec)
+            name, k = tap.name, None
+            if name not in modules and rnn_layer_of(name) is not None:
+                name, k = rnn_layer_of(name)
+            self.by_module.setdefault(name, []).append((alias, tap, k))
 
     def __enter__(self) -> _Capture:
         try:
-            for alias, name in self.layers.items():
-                self.hooks.forward(self.module.get_submodule(name), self._hook(alias))
+            for name, entries in self.by_module.items():
+                mod = self.module.get_submodule(name)
+                runner = LayerRunner(mod) if any(k is not None for _, _, k in entries) else None
+                self.hooks.forward(mod, self._hook(entries, runner), with_kwargs=True)
         except BaseException:
             self.hooks.remove()
             raise
@@ -262,20 +266,53 @@ class _Capture:
     def __exit__(self, *exc) -> None:
         self.hooks.remove()
 
-    def _hook(self, alias: str):
-        def hook(_mod, _inp, out):
-            t = _first_tensor(out)
-            if t is None:
-                raise ProbeModelError(
-                    f"layer {alias!r} ({self.layers[alias]}) returned {type(out).__name__} without a floating "
-                    "tensor to probe; pick the module whose output is the hidden state"
-                )
-            self.pooled[alias] = pool(t, self.mask, self.mode, self.time_axis)
+    def _hook(self, entries: list[tuple[str, Tap, int | None]], runner: LayerRunner | None):
+        def hook(mod, args, kwargs, out):
+            per_layer = None
+            if runner is not None:
+                per_layer = runner.run(args, kwargs, max(k for _, _, k in entries if k is not None))
+            for alias, tap, k in entries:
+                if k is None:
+                    obj = out if tap.source == "output" else Inputs(args, kwargs)
+                elif tap.source == "output":
+                    obj = per_layer[k]
+                else:  # what layer k reads: the input, or the previous layer's output
+                    obj = Inputs((args[0] if args else kwargs["input"],) if k == 0 else (per_layer[k - 1][0],), {})
+                self.pooled[alias] = self._reduce(alias, tap, select(obj, tap, alias), mod)
 
         return hook
 
+    def _reduce(self, alias: str, tap: Tap, value: Any, mod: torch.nn.Module) -> dict[str, torch.Tensor]:
+        modes = list(tap.poolings or self.modes)
+        if isinstance(value, torch.nn.utils.rnn.PackedSequence):
+            h, lengths = torch.nn.utils.rnn.pad_packed_sequence(value, batch_first=True)  # (B, T, H), (B,)
+            h = h.float().reshape(h.shape[0], h.shape[1], -1)
+            m = (torch.arange(h.shape[1])[None] < lengths[:, None]).float().to(h.device)  # (B, T) own lengths
+            return pool_steps(h, m, modes)
+        h = value.float()
+        rnn = isinstance(mod, torch.nn.RNNBase)
+        if rnn and is_state_path(mod, tap.path, tap.source):
+            return {NONE: state_to_items(h)}  # final states: one vector per item already
+        if h.dim() == 2:
+            return {NONE: h}  # already pooled: stored once, as it is
+        if h.dim() < 2:
+            raise ProbeModelError(
+                f"layer {alias!r} ({tap}) is a {h.dim()}-D tensor {tuple(h.shape)}; a probe needs one row "
+                "per item: shorten the path so the batch axis stays"
+            )
+        time_axis = self.time_axis
+        if rnn:  # a recurrent module's sequences are (T, B, H) unless batch_first
+            time_axis = 1
+            if not mod.batch_first:
+                h = h.transpose(0, 1)
+        h = to_steps(h, time_axis)  # (B, T, H)
+        return pool_steps(h, step_mask(self.mask, h.shape[0], h.shape[1], h.device), modes)
+
 
 def _to_device(obj: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if isinstance(obj, torch.nn.utils.rnn.PackedSequence):  # a namedtuple that must not be rebuilt by field
+        obj = obj.to(device)
+        return obj.to(dtype) if dtype is not None and obj.data.is_floating_point() else obj
     if isinstance(obj, torch.Tensor):
         obj = obj.to(device)
         return obj.to(dtype) if dtype is not None and obj.is_floating_point() else obj
@@ -383,10 +420,11 @@ def extract_features(
     layers: dict[str, str],
     out_dir: str | Path,
     *,
-    pooling: str = "mean",
+    pooling: str | Sequence[str] = "mean",
     batch_size: int = 16,
     dtype: str = "float32",
     device: str = "auto",
+    threads: int | None = DEFAULT_THREADS,
     lengths: np.ndarray | None = None,
     load: Callable[[list], list] | None = None,
     settings: dict | None = None,
@@ -398,15 +436,19 @@ def extract_features(
     Args:
         items: the items (``ProbeItem``), in the order rows of the arrays will have.
         adapter: module + preprocessing.
-        layers: alias -> module name (see :func:`resolve_layers`).
-        out_dir: this representation's folder; one ``<alias>.npy`` (N, D) per layer, ``done.npy``,
-            ``meta.json``.
-        pooling: ``mean`` or ``mean_std``.
+        layers: name -> tap spec (see :func:`resolve_layers` and :mod:`stethoscope.probe.taps`).
+        out_dir: this representation's folder; one ``<feature>.npy`` (N, D) per stored feature,
+            ``done.npy``, ``meta.json``.
+        pooling: one pooling or several (:data:`~stethoscope.probe.pooling.POOLINGS`), all computed in the
+            same forward pass. A layer with several poolings is stored as ``<layer>@<pooling>`` per pooling;
+            a layer with one, or a 2-D (already pooled) output, as ``<layer>``. A tap's ``@`` overrides it.
         batch_size: items per forward pass.
         dtype: ``float32``, ``float16`` or ``bfloat16`` for the module's weights and floating inputs
             (features are stored as float32). The module is moved to ``device`` and cast in place, and
             left in eval or train mode as it came.
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: CPU threads of the forward passes (``torch.set_num_threads``, restored afterwards); None
+            leaves torch's setting. The default comes from ``benchmarks/probe_threads.py`` (docs/probing.md).
         lengths: (N,) item lengths for length-sorted batching (less padding); None keeps the order.
         load: called on each batch before preprocessing (e.g. reading its audio).
         settings: everything that determines the features (checkpoint, layers, pooling, ...): stored
@@ -420,8 +462,10 @@ def extract_features(
     out = Path(out_dir)
     ids = [str(getattr(it, "id", i)) for i, it in enumerate(items)]
     n = len(items)
+    poolings = [pooling] if isinstance(pooling, str) else list(pooling)
+    layers = {alias: str(parse_tap(spec)) for alias, spec in layers.items()}  # canonical, validated
     settings = dict(settings or {})
-    settings.update(layers=layers, pooling=pooling, dtype=dtype)
+    settings.update(layers=layers, pooling=poolings if len(poolings) > 1 else poolings[0], dtype=dtype)
     from stethoscope.probe.config import settings_hash
 
     key = {"ids": _ids_hash(ids), "settings": settings_hash(settings), "n_items": n}
@@ -450,27 +494,29 @@ def extract_features(
     done_path = out / "done.npy"
     done = open_memmap(done_path, mode="r+" if done_path.is_file() else "w+", dtype=np.uint8, shape=(n,))
     arrays: dict[str, np.ndarray] = {}
-    for alias, info in meta["layers"].items():
-        arrays[alias] = open_memmap(out / info["file"], mode="r+")
+    for feature, info in meta["layers"].items():
+        arrays[feature] = open_memmap(out / info["file"], mode="r+")
     todo = batches(lengths if lengths is not None else np.zeros(n), batch_size, skip=done.astype(bool))
     if todo:
-        _run(
-            items,
-            adapter,
-            layers,
-            todo,
-            arrays,
-            done,
-            meta,
-            out,
-            pooling,
-            dtype,
-            device,
-            load,
-            progress,
-            description,
-        )
-    missing = [a for a in layers if a not in meta["layers"]]
+        with _threads(threads):
+            _run(
+                items,
+                adapter,
+                layers,
+                todo,
+                arrays,
+                done,
+                meta,
+                out,
+                poolings,
+                dtype,
+                device,
+                load,
+                progress,
+                description,
+            )
+    produced = {info.get("layer", feature) for feature, info in meta["layers"].items()}
+    missing = [a for a in layers if a not in produced]
     if missing and n:
         raise ProbeModelError(
             f"layers {', '.join(missing)} never ran during the forward pass: the module's forward does not "
@@ -481,8 +527,27 @@ def extract_features(
     return FeatureSet(out, meta)
 
 
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the extraction, the caller's setting back afterwards."""
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _feature_name(layer: str, pooling: str, several: bool) -> str:
+    """``layer`` for a layer stored once, ``layer@pooling`` for one of several poolings."""
+    return f"{layer}@{pooling}" if several else layer
+
+
 def _run(
-    items, adapter, layers, todo, arrays, done, meta, out, pooling, dtype, device, load, progress, description
+    items, adapter, layers, todo, arrays, done, meta, out, poolings, dtype, device, load, progress, description
 ) -> None:
     from numpy.lib.format import open_memmap
 
@@ -505,7 +570,7 @@ def _run(
     try:
         with (
             bar_ctx as advance,
-            _Capture(module, layers, pooling, adapter.time_axis) as cap,
+            _Capture(module, layers, poolings, adapter.time_axis) as cap,
             torch.inference_mode(),
         ):
             for idx in todo:
@@ -519,30 +584,11 @@ def _run(
                 for alias in layers:
                     if alias not in cap.pooled:
                         continue
-                    values = cap.pooled[alias].float().cpu().numpy()  # (B, D)
-                    if values.shape[0] != len(idx):
-                        raise ProbeModelError(
-                            f"layer {alias!r} returned a batch of {values.shape[0]} for {len(idx)} items: "
-                            "the adapter's outputs must be batch-first (or set time_axis)"
-                        )
-                    if alias not in arrays:
-                        file = _file_name(alias)
-                        arrays[alias] = open_memmap(
-                            out / file, mode="w+", dtype=np.float32, shape=(n, values.shape[1])
-                        )
-                        meta["layers"][alias] = {
-                            "module": layers[alias],
-                            "dim": int(values.shape[1]),
-                            "file": file,
-                        }
-                        (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-                    if values.shape[1] != arrays[alias].shape[1]:
-                        raise ProbeModelError(
-                            f"layer {alias!r} pooled to {values.shape[1]} features in this batch but "
-                            f"{arrays[alias].shape[1]} before: its output is probably not (batch, time, "
-                            "features); set the adapter's time_axis (2 for (batch, channels, time))"
-                        )
-                    arrays[alias][idx] = values
+                    per_pooling = cap.pooled[alias]
+                    for mode, tensor in per_pooling.items():
+                        feature = _feature_name(alias, mode, len(per_pooling) > 1)
+                        values = tensor.float().cpu().numpy()  # (B, D)
+                        _store(feature, alias, mode, layers[alias], values, idx, arrays, meta, out, n, open_memmap)
                 finished[idx] = True  # in memory; on disk at the next checkpoint, after the rows
                 if time.monotonic() - last_checkpoint > _CHECKPOINT_SECONDS:
                     _checkpoint(arrays, done, finished)
@@ -551,6 +597,34 @@ def _run(
     finally:
         _checkpoint(arrays, done, finished)  # also on ^C or an error: finished batches are kept
         module.train(was_training)
+
+
+def _store(feature, alias, mode, spec, values, idx, arrays, meta, out, n, open_memmap) -> None:
+    """Write one batch of one feature, creating its array (and its meta entry) on first sight."""
+    if values.shape[0] != len(idx):
+        raise ProbeModelError(
+            f"layer {alias!r} ({spec}) returned a batch of {values.shape[0]} for {len(idx)} items: "
+            "the adapter's outputs must be batch-first (or set time_axis); for a state laid out "
+            "(layers, batch, features), take a path into it"
+        )
+    if feature not in arrays:
+        file = _file_name(feature)
+        arrays[feature] = open_memmap(out / file, mode="w+", dtype=np.float32, shape=(n, values.shape[1]))
+        meta["layers"][feature] = {
+            "module": spec,
+            "layer": alias,
+            "pooling": mode,
+            "dim": int(values.shape[1]),
+            "file": file,
+        }
+        (out / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if values.shape[1] != arrays[feature].shape[1]:
+        raise ProbeModelError(
+            f"layer {alias!r} pooled to {values.shape[1]} features in this batch but "
+            f"{arrays[feature].shape[1]} before: its output is probably not (batch, time, "
+            "features); set the adapter's time_axis (2 for (batch, channels, time))"
+        )
+    arrays[feature][idx] = values
 
 
 def _checkpoint(arrays: dict, done: np.ndarray, finished: np.ndarray) -> None:
@@ -587,19 +661,20 @@ def _progress(enabled: bool, description: str, total: int, console) -> Iterator[
 # --- adapters for the three representation kinds ---------------------------------------------------
 
 
-def load_factory(spec: str, kwargs: dict | None = None) -> ProbeAdapter:
-    """Build an adapter from ``"package.module:function"`` (the function returns a ProbeAdapter or a
-    ``(module, preprocess)`` pair)."""
-    if ":" not in spec:
-        raise ProbeModelError(f"factory {spec!r} must look like 'package.module:function'")
-    mod_name, fn_name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise ProbeModelError(
-            f"cannot import factory {spec!r}: {exc} (is the package on PYTHONPATH?)"
-        ) from None
-    made = fn(**(kwargs or {}))
+def load_factory(
+    spec: str, kwargs: dict | None = None, *, base_dir: Path | None = None, sample_rate: int | None = None
+) -> ProbeAdapter:
+    """Build an adapter from ``"package.module:function"`` or ``"path/to/file.py:function"``.
+
+    The module is looked for on ``sys.path``, then in ``base_dir`` (the config's folder; see
+    :mod:`stethoscope.probe.factory`). The function gets ``kwargs``, plus ``sample_rate`` when it has such a
+    parameter, and returns a ProbeAdapter or a ``(module, preprocess)`` pair.
+    """
+    from stethoscope.probe.factory import call_factory, factory_folder, import_factory, on_path
+
+    fn = import_factory(spec, base_dir)
+    with on_path(factory_folder(spec, base_dir)):
+        made = call_factory(fn, kwargs or {}, sample_rate)
     if isinstance(made, ProbeAdapter):
         return made
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):

@@ -136,11 +136,13 @@ def build_adapter(rep: RepresentationConfig, cfg: PipelineConfig):
         return F.hf_adapter(
             rep.checkpoint, cfg.dataset.input, max_length=rep.max_length, sample_rate=cfg.dataset.sample_rate
         )
-    return F.load_factory(rep.factory, rep.factory_kwargs)
+    return F.load_factory(
+        rep.factory, rep.factory_kwargs, base_dir=cfg.config_dir, sample_rate=cfg.dataset.sample_rate
+    )
 
 
 def _rep_settings(rep: RepresentationConfig, cfg: PipelineConfig) -> dict:
-    s = rep.model_dump(mode="json", exclude={"name", "baseline", "device", "batch_size"})
+    s = rep.model_dump(mode="json", exclude={"name", "baseline", "device", "batch_size", "threads"})
     s["input"] = cfg.dataset.input
     s["sample_rate"] = cfg.dataset.sample_rate
     if rep.kind == "frontend":
@@ -194,10 +196,11 @@ def run_features(config, adapters: dict | None = None, progress: bool = True) ->
             adapter,
             layers,
             path,
-            pooling=rep.pooling,
+            pooling=rep.poolings,
             batch_size=rep.batch_size,
             dtype="float32" if rep.kind == "frontend" else rep.dtype,
             device=rep.device,
+            threads=rep.threads,
             lengths=manifest.lengths,
             load=load,
             settings=settings,
