@@ -205,6 +205,23 @@ def check(
 
 
 @app.command()
+def replay(
+    incident: Annotated[Path, typer.Argument(help="an incident folder: RUN_DIR/incidents/step-<N>")],
+    model: Annotated[Path | None, typer.Option("--model", help="a local Hugging Face checkpoint folder")] = None,
+    factory: Annotated[str | None, typer.Option(help="pkg.mod:fn returning the model (or (model, loss_fn))")] = None,
+    device: Annotated[str, typer.Option(help="where the replay runs (cpu, cuda)")] = "cpu",
+    top: Annotated[int, typer.Option(help="largest activations and gradient norms shown")] = 5,
+    out: Annotated[Path | None, typer.Option(help="folder for the replay's trace.jsonl")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Rerun an incident's forward and backward under trace mode: the first non-finite module, the largest
+    activations on the way."""
+    from stethoscope.incidents.cli import run_replay
+
+    run_replay(incident, model, factory, device, top, out, as_json, get_console())
+
+
+@app.command()
 def compare(
     a: Annotated[Path, typer.Argument(help="a checkpoint folder (save_pretrained) or a run directory")],
     b: Annotated[Path, typer.Argument(help="the second one, of the same kind")],

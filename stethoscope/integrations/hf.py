@@ -78,6 +78,10 @@ class StethoscopeCallback(TrainerCallback):
             return
         base = Path(args.output_dir or ".") / DEFAULT_SUBDIR
         self._driver.start(model, optimizer, base, scaler=_scaler_of(optimizer))
+        incidents = self._driver.monitor.extension("incidents") if self._driver.active else None
+        if incidents is not None and kwargs.get("train_dataloader") is not None:  # each batch's dataset indices
+            self._driver.guard("integration: watching the train dataloader", incidents.watch_loader,
+                               kwargs["train_dataloader"])
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         d = self._driver
