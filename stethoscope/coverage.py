@@ -19,6 +19,7 @@ from stethoscope.extensions import Extension
 from stethoscope.hooks import walk_modules
 from stethoscope.naming import make_filter, patterns
 from stethoscope.record import StepRecord
+from stethoscope.rules import hints as H
 from stethoscope.rules.producer import FindingProducer
 
 CODE = "monitor.unobserved"
@@ -71,7 +72,7 @@ class CoverageExtension(Extension):
         short = self.sampled_steps < history
         if not missing and not unread and not short:
             return
-        parts, hints = [], []
+        parts = []
         if missing:
             listed = ", ".join(f"`{n or '<model>'}`" for n in missing[:MAX_LISTED])
             more = f" and {len(missing) - MAX_LISTED} more" if len(missing) > MAX_LISTED else ""
@@ -80,24 +81,18 @@ class CoverageExtension(Extension):
                          f"statistics on any of {self.sampled_steps} sampled step(s) ({listed}{more}): {where} is "
                          "compiled with torch.compile, its submodules run as one graph where module hooks do not "
                          "fire, so no rule looked inside it")
-            hints.append("stethoscope's hooks stay out of compiled graphs (inside one they would add graph breaks): "
-                         "for a run you want diagnosed, train without torch.compile, or compile only the parts you "
-                         "do not need to inspect (`model.lm_head.compile()`); what runs outside compiled regions is "
-                         "still watched")
         if unread:
             parts.append("attention not captured: " + "; ".join(f"{k}: {v}" for k, v in unread.items()))
-            hints.append("for the attention checks, load the model with attn_implementation='eager' or 'sdpa' "
-                         "(attention.capture: eager switches it for sampled steps)")
         if short:
             parts.append(f"only {self.sampled_steps} sampled step(s): the trend checks (grad.dead_trend, the "
                          f"running medians of grad.norm_spike and update.ratio) need rules.min_history = {history}")
-            hints.append("sample more steps (sampling.warmup_steps / sampling.every) or train longer")
         message = "what stethoscope could not see, so no check covers it: " + "; ".join(parts)
         data = {"unobserved": missing[:5000], "expected": len(self.expected), "sampled_steps": self.sampled_steps,
                 "compiled": self.compiled, "attention_not_captured": unread,
                 "excluded_by_pattern": self.excluded}
         producer = FindingProducer(self._run.rule_context, CODE)
-        producer.propose(None, "info", len(missing), None, self._run.last_step, message, "; ".join(hints), data)
+        producer.propose(None, "info", len(missing), None, self._run.last_step, message,
+                          H.hint(CODE, compiled=bool(missing), attention=bool(unread), short=short), data)
         producer.settle(self._run.last_step)
 
     def state_dict(self) -> dict:

@@ -36,12 +36,14 @@ from types import FrameType
 from typing import Any
 
 from stethoscope.errors import StethoscopeError
+from stethoscope.rules import hints as H
 from stethoscope.rules.producer import FindingProducer, ProducerContext
 
 CODE = "hang.stall"
 EXIT_CODE = 3  # the process exit status with ``on_stall: exit``
 
 COMPILING, COLLECTIVE, DATA, USER = "compiling", "collective", "data loading", "user code"
+_HINT_CASE = {COMPILING: "compiling", COLLECTIVE: "collective", DATA: "data", USER: "user"}  # hints.yaml cases
 
 # Path fragments (with "/" separators) of frames that are on the stack only while the named activity runs.
 # Runtime wrappers of compiled code (torch/_dynamo/eval_frame.py, aot runtime_wrappers.py) are left out on
@@ -392,7 +394,7 @@ class Watchdog:
             f"nothing moved for {_secs(idle)} {where} (limit {threshold:g} s"
             f"{', first call' if first_call else ''}): {cls.kind} — {cls.reason}; decided by {cls.frame}"
         )
-        hint = _HINTS[cls.kind]
+        hint = H.hint(CODE, _HINT_CASE[cls.kind])
         data = {
             "stack": [_label(n) for n in snap["stack"]],
             "in_step": snap["in_step"],
@@ -598,29 +600,3 @@ class Watchdog:
             path.write_text("\n".join(lines) + "\n", encoding="utf-8")
             self.dumps.append(path)
             return path
-
-
-_HINTS = {
-    COMPILING: (
-        "a first call that compiles is normal and can take minutes (the RWKV field note waits 5-15 min for a "
-        "CUDA JIT build): wait, and watch that the dump's stack changes between reports. If it repeats on "
-        "later calls, shapes or guards change every step (torch._dynamo recompiles: pad to fixed shapes, "
-        "mark_dynamic, or raise torch._dynamo.config.cache_size_limit); cache builds across runs "
-        "(TORCH_EXTENSIONS_DIR, TORCHINDUCTOR_CACHE_DIR)"
-    ),
-    COLLECTIVE: (
-        "a rank waits for others in a collective: one rank is slower, crashed, or runs a different number of "
-        "steps or a different branch. Compare the other ranks' hang dumps; set TORCH_NCCL_ASYNC_ERROR_HANDLING=1 "
-        "and a process-group timeout; check that every rank calls the same collectives in the same order"
-    ),
-    DATA: (
-        "the data pipeline is slow or stuck: time a loop over the DataLoader alone; check the quoted "
-        "__getitem__ / collate_fn for network or disk reads; with num_workers > 0 a dead or deadlocked worker "
-        "hangs the loader (set DataLoader(timeout=...)), and fork after CUDA init or thread pools can deadlock"
-    ),
-    USER: (
-        "the quoted frame is where the training thread is now: a blocking call, an endless loop, a lock, or "
-        "one very slow operation. Send SIGUSR1 (kill -USR1 <pid>) for a fresh dump to see whether it moves; "
-        "on a GPU, CUDA_LAUNCH_BLOCKING=1 pins a stuck kernel to its module"
-    ),
-}

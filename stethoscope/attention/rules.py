@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from stethoscope.rules import hints as H
 from stethoscope.rules.base import Rule, RuleContext
 from stethoscope.rules.thresholds import Threshold, register_threshold
 
@@ -85,7 +86,6 @@ class Invariant:
         message: a :meth:`str.format` template with ``name`` (the module), ``worst`` (the worst value),
             ``head`` (its head), ``heads`` (the heads at a level, listed) and ``method`` (how the
             probabilities were obtained).
-        hint: what usually fixes it.
         applies: which modules it judges (all of them by default).
     """
 
@@ -94,7 +94,6 @@ class Invariant:
     summary: str
     threshold: Threshold
     message: str
-    hint: str
     applies: Callable[[ModuleAttention], bool] = lambda m: True
 
 
@@ -108,11 +107,6 @@ INVARIANTS: tuple[Invariant, ...] = (
             "attention rows of {name} do not sum to 1: |row sum - 1| reaches {worst:.3g} in head {head}"
             " (heads {heads}; probabilities from {method})"
         ),
-        hint=(
-            "a softmax row must sum to 1. Usual causes: the mask applied after the softmax (multiplying or "
-            "filling probabilities instead of adding -inf to the scores), the softmax taken over the wrong "
-            "axis (dim=-2 instead of -1), or a renormalisation/dropout applied before the weights are read"
-        ),
     ),
     Invariant(
         code="attn.causal_leak",
@@ -122,12 +116,6 @@ INVARIANTS: tuple[Invariant, ...] = (
         message=(
             "{name} is causal but its queries attend to future positions: up to {worst:.1%} of a row's "
             "attention is on later tokens (head {head}; heads {heads})"
-        ),
-        hint=(
-            "the causal mask is missing or misaligned: fill the scores above the diagonal with -inf before the "
-            "softmax (masked_fill(~tril, -inf)), or pass is_causal=True / a causal 4-D mask to the attention "
-            "kernel. A model that sees the future trains to a suspiciously low loss and fails at generation. "
-            "stethoscope.attention.check_causality(model, input_ids) confirms it from the outputs"
         ),
         applies=lambda m: m.causal,
     ),
@@ -139,11 +127,6 @@ INVARIANTS: tuple[Invariant, ...] = (
         message=(
             "{name} attends to padding: up to {worst:.1%} of a row's attention is on positions the input's "
             "attention_mask marks as padding (head {head}; heads {heads})"
-        ),
-        hint=(
-            "the padding mask does not reach this attention: pass attention_mask to the model (not only to the "
-            "tokenizer), check it is 1 for tokens and 0 for padding, and that a custom attention adds it to the "
-            "scores before the softmax. Padding that leaks makes outputs depend on the batch's padding length"
         ),
     ),
 )
@@ -177,7 +160,7 @@ class InvariantRule(AttentionRule):
             message=lambda: inv.message.format(
                 name=m.name, worst=worst, head=head, heads=_heads(bad), method=m.method
             ),
-            hint=inv.hint,
+            hint=H.hint(inv.code),
             data={"heads": bad, "worst_head": head, "method": m.method},
         )
 
@@ -218,12 +201,7 @@ class EntropyCollapse(AttentionRule):
                 f"{_heads(collapsed)}) put >= {0.99:.0%} of every row's attention on a single key; lowest "
                 f"normalised entropy {lowest['entropy_norm']:.3f} in head {lowest['head']}"
             ),
-            hint=(
-                "attention entropy collapse goes with unstable training (loss spikes, divergence): lower the "
-                "learning rate or warm it up longer, clip gradients, and keep attention logits bounded (QK "
-                "layer-norm, a smaller init of the query/key projections, or sigma-reparametrised weights). One "
-                "near-one-hot head alone is often a positional head (previous / next token) and is normal"
-            ),
+            hint=H.hint(self.code),
             data={"heads": collapsed, "collapsed_fraction": share, "method": m.method},
         )
 
@@ -271,12 +249,7 @@ class Sink(AttentionRule):
                 f"{max(per_head.values()):.0%} of their attention on {token}. This is a known, usually benign "
                 "pattern: heads with nothing to attend to park their probability on a fixed token"
             ),
-            hint=(
-                "nothing to fix in itself (pretrained encoders put much of their attention on [CLS] / [SEP], "
-                "decoders on the first token). Keep the sink token when truncating or using a sliding window "
-                "(streaming LLMs lose quality without it); it matters when a head you rely on is only a sink, or "
-                "when the sink share keeps rising while the loss does not fall"
-            ),
+            hint=H.hint(self.code),
             data={"heads": [int(h) for h in per_head], "shares": per_head, "token": which, "token_id": tid, "method": m.method},
             severity="info",
         )

@@ -40,18 +40,11 @@ from stethoscope.memory.readings import RssReader, cuda_figures, cuda_total, mib
 from stethoscope.memory.tensors import Accumulation, Snapshot, compare, describe_largest, snapshot
 from stethoscope.naming import clean_name
 from stethoscope.record import StepRecord
+from stethoscope.rules import hints as H
 from stethoscope.rules.producer import FindingProducer
 
 RSS = "process.rss"
 AFTER_EPOCH_STEPS = 5  # an OOM this many steps after an epoch began is "after the epoch transition"
-
-_GENERIC_HINT = (
-    "something keeps objects from every step: a list or dict filled in the loop (outputs, logits, losses kept "
-    "as tensors: keep `.item()` or `.detach().cpu()`), `total_loss += loss` without `.item()`, a cache keyed "
-    "by input, gradients never cleared (`optimizer.zero_grad(set_to_none=True)`); on CUDA also DeepSpeed's "
-    "partition cache (`model.empty_partition_cache()`) and very long inputs (the HF field note's M-001)"
-)
-
 
 class _Series:
     """The recent readings of one quantity (bytes) and its open-finding state."""
@@ -251,7 +244,7 @@ class MemoryExtension(Extension):
         data = {"window": [prev.step, step], "graph_holders_gained": grown, "per_step": round(per_step, 3),
                 "accumulating": acc.rows, "pattern": acc.pattern, "rss_bytes": self.last.get(RSS)}
         leaks.propose(GRAPHS, "warning", grown, round(CENSUS_PER_STEP * steps), step, message,
-                      acc.hint or _GENERIC_HINT, data)
+                      acc.hint or H.hint(CODE), data)
         leaks.settle(step)
 
     def _snapshot(self, step: int) -> Snapshot | None:
@@ -291,7 +284,7 @@ class MemoryExtension(Extension):
             message += f"; at this rate the device ({mib(self.total)}) is full in about {left:,.0f} steps"
         else:
             message += f"; at this rate +{mib(g.slope * 1000)} per 1000 steps"
-        hint = _GENERIC_HINT
+        hint = H.hint(CODE)
         data: dict = {
             "slope_bytes_per_step": round(g.slope, 1),
             "growth_mib": round(g.growth_mib, 2),

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from stethoscope.rules import hints as H
+
 _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "outofmemory")
 _REQUEST = re.compile(r"[Tt]ried to allocate ([\d.]+) ?([KMGT]i?B)")
 _UNITS = {"KIB": 2**10, "KB": 1e3, "MIB": 2**20, "MB": 1e6, "GIB": 2**30, "GB": 1e9, "TIB": 2**40, "TB": 1e12}
@@ -68,38 +70,10 @@ def where(tb: TracebackType | None, module_names: dict[int, str]) -> tuple[str |
 
 
 def remedies(attn_impl: str | None, fragmented: bool, after_epoch: bool, grew: bool) -> list[str]:
-    """The usual fixes, most specific first."""
-    out = []
-    if after_epoch:
-        out.append(
-            "it struck shortly after an epoch boundary: free what the epoch end keeps (evaluation outputs, "
-            "cached batches; with DeepSpeed `model.empty_partition_cache()`), then `torch.cuda.empty_cache()` "
-            "(the HF field note's M-003)"
-        )
-    if grew:
-        out.append("the input was larger than any recent batch: cap the sequence length or bucket by length")
-    out.append("a smaller batch (keep the effective batch with gradient accumulation)")
-    out.append(
-        "lower precision: bfloat16 autocast (`torch.autocast('cuda', dtype=torch.bfloat16)`) or float16 with "
-        "a GradScaler; load weights with `torch_dtype=torch.bfloat16`"
-    )
-    if attn_impl == "eager":
-        out.append(
-            "this model uses eager attention, which materialises the B×H×T×T score matrix: "
-            "`attn_implementation='sdpa'` (or flash attention) computes the same without storing it"
-        )
-    else:
-        out.append(
-            "fused attention (`attn_implementation='sdpa'` or flash attention) instead of eager attention, "
-            "which stores the B×H×T×T scores"
-        )
-    out.append("gradient checkpointing (`model.gradient_checkpointing_enable()`): recompute activations in backward")
-    if fragmented:
-        out.append(
-            "reserved memory is far above allocated (fragmentation): `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`"
-        )
-    out.append("an optimizer with less state (8-bit Adam, Adafactor) or freezing part of the model")
-    return out
+    """The usual fixes, most specific first (the ``memory.oom`` rows of the hints table)."""
+    eager = attn_impl == "eager"
+    return H.clauses("memory.oom", after_epoch=after_epoch, grew=grew, eager=eager, not_eager=not eager,
+                     fragmented=fragmented)
 
 
 def input_shapes(args: tuple, kwargs: dict, limit: int = 8) -> list[tuple[str, tuple, str]]:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from stethoscope.rules import hints as H
+
 _GRAPH_WALK_LIMIT = 20_000  # autograd nodes visited per tensor when measuring a graph
 _GRAPH_TENSORS_LIMIT = 256  # tensors holding a graph whose graph size is measured per snapshot
 
@@ -158,26 +160,6 @@ class Accumulation:
     pattern: str | None  # "append" (one graph holder more per step), "accumulate" (one graph growing), None
 
 
-_APPEND_HINT = (
-    "a tensor that still holds its autograd graph is kept from every step — `losses.append(loss)`, "
-    "`outputs.append(logits)`, a metric kept as a tensor — and each one keeps its step's graph (and every "
-    "activation saved for backward) alive. Keep numbers, not graphs: `losses.append(loss.item())` (one host "
-    "sync; or `loss.detach()` to stay on the device and sync later); run evaluation under `torch.no_grad()`"
-)
-_ACCUMULATE_HINT = (
-    "a running sum of tensors that hold a graph — `total_loss += loss` — chains every step's graph to the "
-    "next, so none is ever freed. Accumulate a number: `total_loss += loss.item()` (or `loss.detach()`)"
-)
-
-_SMALL_HINT = (
-    "a small tensor is kept from every step — typically `losses.append(loss.detach())` for a later mean. Its "
-    "own bytes are tiny, but thousands of small long-lived allocations interleaved with each step's large "
-    "temporary ones fragment the allocator's heap, so process memory still climbs (about 1 MiB per step "
-    "measured on stethoscope's own demo). Keep a bounded window (`collections.deque(maxlen=100)`), a running "
-    "device sum (`total = total + loss.detach()`), or floats read every N steps"
-)
-
-
 def compare(a: Snapshot, b: Snapshot, steps: int, top: int = 5) -> Accumulation:
     """Name what accumulates between snapshot ``a`` and the later ``b``, ``steps`` steps apart."""
     steps = max(1, int(steps))
@@ -218,13 +200,13 @@ def compare(a: Snapshot, b: Snapshot, steps: int, top: int = 5) -> Accumulation:
         )
         if kept > 0:
             cause += f", keeping alive +{kept / 2**20:.1f} MiB of tensors saved in their graphs"
-        return Accumulation(rows, cause, _APPEND_HINT, "append")
+        return Accumulation(rows, cause, H.hint("memory.leak", "append"), "append")
     grown = _graph_growth(a, b)
     if grown is not None and grown >= steps:
         return Accumulation(
             rows,
             f"a tensor's autograd graph grew by {grown} nodes in {steps} steps: one graph chained across steps",
-            _ACCUMULATE_HINT,
+            H.hint("memory.leak", "accumulate"),
             "accumulate",
         )
     if graph_rows:
@@ -233,7 +215,7 @@ def compare(a: Snapshot, b: Snapshot, steps: int, top: int = 5) -> Accumulation:
             rows,
             f"{r['count_growth']} more {r['group'].replace(', holding', ' holding')} after {steps} steps "
             f"(about {r['per_step']:g} per step, +{r['bytes_growth'] / 2**20:.1f} MiB)",
-            _APPEND_HINT,
+            H.hint("memory.leak", "append"),
             "append",
         )
     small = [r for r in rows if _numel(r["shape"]) <= 16 and r["count_growth"] >= max(1, steps // 2)]
@@ -243,7 +225,7 @@ def compare(a: Snapshot, b: Snapshot, steps: int, top: int = 5) -> Accumulation:
             rows,
             f"{r['count_growth']} more small tensors of {r['group']} after {steps} steps "
             f"(about {r['per_step']:g} per step; {r['count']} alive now)",
-            _SMALL_HINT,
+            H.hint("memory.leak", "small"),
             "append",
         )
     if rows:

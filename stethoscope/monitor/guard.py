@@ -17,6 +17,7 @@ import torch
 
 from stethoscope.errors import CriticalFindingError
 from stethoscope.findings import FindingLog
+from stethoscope.rules import hints as H
 from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings
 
 CODE = "monitor.error"
@@ -59,9 +60,7 @@ class ErrorGuard:
                 where, "warning", None, None, step,
                 f"stethoscope's own code raised {type(exc).__name__}: {exc} (in {where}); "
                 "training continues without that measurement",
-                "this is a stethoscope bug, not a problem in your model: please report it with the "
-                "traceback in this finding's `data.traceback`. To skip a module meanwhile, leave it out of "
-                "stats.modules (a list of patterns or a predicate)",
+                H.hint("monitor.error"),
                 {"traceback": tb, "exception": type(exc).__name__},
             )
             self._producer.settle(step)

@@ -22,6 +22,7 @@ from stethoscope.console import SEVERITY_STYLE
 from stethoscope.errors import MonitorUsageError
 from stethoscope.findings import FindingLog
 from stethoscope.record import ActRecord, AmpRecord, GradRecord, StepRecord, UpdateRecord
+from stethoscope.rules import hints as H
 from stethoscope.rules.producer import FindingProducer, ProducerContext
 from stethoscope.stats import RAW_WIDTH
 
@@ -133,8 +134,7 @@ class MetricsWriter:
             self._storage.propose(
                 "metrics.jsonl", "info", round(w.bytes / 1e6, 1), self.max_mb, record.step,
                 "metrics.jsonl reached storage.max_metrics_mb; from now on only scalar rows are written",
-                "raise storage.max_metrics_mb, sample less often (sampling.every), or narrow "
-                "stats.modules / stats.parameters")
+                H.hint("monitor.storage"))
             self._storage.settle(record.step)
         if not capped:
             for rec in record.acts.values():

@@ -130,15 +130,7 @@ class ActDeadFeatures(_Smoothed):
     def _hint(self, name: str, producer: str | None) -> str:
         kind = self.info.activation(name)
         feeder = producer if producer and self.info.is_linear(producer) else None
-        return H.join(
-            "Units die when their pre-activation stays negative: usually a too-high learning rate or a large "
-            "negative bias",
-            H.lower_lr(None),
-            H.layernorm(feeder, self.info) if feeder else None,
-            H.input_scale(feeder, self.info) if feeder else None,
-            "a leaky activation (LeakyReLU, GELU) keeps a gradient below zero" if kind == "relu" else None,
-            H.xavier(feeder, self.info) if feeder else None,
-        )
+        return H.hint(self.code, module=feeder, info=self.info, lr=None, relu=kind == "relu")
 
 
 @register_rule
@@ -195,12 +187,7 @@ class ActSaturation(_Smoothed):
                 value,
                 step,
                 message=lambda name=name, v=value, st=st, act=act: self._message(name, v, st, act),
-                hint=lambda name=name: H.join(
-                    H.layernorm(name, self.info),
-                    H.input_scale(name, self.info),
-                    H.xavier(name, self.info),
-                    f"if the weights grew during training, {H.lower_lr(None)}",
-                ),
+                hint=lambda name=name: H.hint(self.code, module=name, info=self.info, lr=None),
             )
 
     def _message(self, name: str, value: float, st, act: str | None) -> str:
@@ -265,13 +252,5 @@ class ActInputScale(_Smoothed):
 
     def _hint(self, name: str, producer: str | None) -> str:
         if producer and self.info.is_norm(producer):
-            first = (
-                f"the module that ran just before it, `{producer}`, is a normalisation layer: its gain has "
-                "grown; check its weight and the learning rate"
-            )
-            return H.join(first, H.lower_lr(None))
-        return H.join(
-            H.layernorm(name, self.info),
-            "or standardise the raw features in the data pipeline (zero mean, unit variance)",
-            "then check act.saturation and grad.zero_fraction downstream: unscaled inputs are what kills units",
-        )
+            return H.hint(self.code, "after_norm", producer=producer, lr=None)
+        return H.hint(self.code, module=name, info=self.info)

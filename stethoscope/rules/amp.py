@@ -29,15 +29,6 @@ from stethoscope.rules.thresholds import Threshold
 _RANK = {None: 0, "warning": 1, "critical": 2}
 
 
-def _amp_hint() -> str:
-    return H.join(
-        "The GradScaler keeps finding Inf/NaN gradients at every scale: they are not float16 overflow of the "
-        "scaled loss but born in the model",
-        "look at grad.nonfinite and numerics.nonfinite (sample every step: sampling.every 1) for where",
-        "float16 overflows past 65504: keep softmax, norms and the loss in float32 (autocast does this for "
-        "its listed ops; a custom op may not), or train in bfloat16, which needs no scaler",
-        H.lower_lr(),
-    )
 
 
 @register_rule
@@ -98,7 +89,7 @@ class AmpSkips(Rule):
                 f"gradients were non-finite, so those steps did not train; the loss scale is now "
                 f"{H.fmt(amp.scale)}"
             ),
-            hint=_amp_hint,
+            hint=lambda: H.hint(self.code, lr=None),
             data={"skipped": skipped, "steps": steps, "scale": amp.scale},
         )
 
@@ -175,7 +166,7 @@ class AmpScaleCollapse(Rule):
                     "even without scaling, or a NaN/Inf is born whatever the scale, and every such step is "
                     "skipped"
                 ),
-                hint=_amp_hint,
+                hint=lambda: H.hint(self.code, lr=None),
                 data={"scale": scale, "falling": falling},
             )
         elif by_fall is not None:
@@ -189,7 +180,7 @@ class AmpScaleCollapse(Rule):
                     f"{H.fmt(scale)}): it halves at every skipped step and grows back only after "
                     "growth_interval clean steps, so it is collapsing"
                 ),
-                hint=_amp_hint,
+                hint=lambda: H.hint(self.code, lr=None),
                 data={"scale": scale, "falling": falling},
             )
         elif floor.healthy(scale, self.clear_factor) and fall.healthy(falling, self.clear_factor):

@@ -234,13 +234,7 @@ class GradZeroFraction(Rule):
 
     def _hint(self, name: str) -> str:
         owner = _owner(self, name)
-        return H.join(
-            "Dead units usually come from what enters the layer (its scale), less often from its weights",
-            H.input_scale(owner, self.info),
-            H.layernorm(owner, self.info),
-            f"if the zeros appeared after a loss or gradient spike, {H.lower_lr(self.ctx.lr(name), self.info)}",
-            H.xavier(owner, self.info),
-        )
+        return H.hint(self.code, module=owner, lr=self.ctx.lr(name), info=self.info)
 
 
 def _within(module: str, names: set[str]) -> str | None:
@@ -339,29 +333,12 @@ class GradMissing(Rule):
 
     def _hint(self, name: str, owner: str, how: str | None = None, off: str | None = None) -> str:
         pi = self.info.params.get(name)
-        opt = "" if pi is None or pi.group is None else " and leave it out of the optimizer"
+        leave_out = "" if pi is None or pi.group is None else " and leave it out of the optimizer"
         if how == "checkpoint":
-            return H.join(
-                "Reentrant checkpointing passes gradients only to inputs that require grad: use the non-reentrant "
-                "implementation (`torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)`, or "
-                "`model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})` "
-                "for a transformers model)",
-                "or make the checkpointed block's input require grad (`model.enable_input_require_grads()` for a "
-                "transformers model with a frozen embedding, as adapter training does)",
-            )
+            return H.hint(self.code, "checkpoint")
         if how == "no_grad":
-            return H.join(
-                f"Run `{off or '<model>'}` with autograd on if it should train (take it out of the torch.no_grad() "
-                "block, or call it outside `torch.inference_mode()`)",
-                f"if it should not train, freeze it (`requires_grad_(False)`){opt}",
-            )
-        return H.join(
-            f"If `{name}` should not train, freeze it (`requires_grad_(False)`){opt}",
-            f"if it should, make sure `{owner}` is called in forward and its output reaches the loss "
-            "without .detach(), torch.no_grad() or .data on the way",
-            "a parameter left unused on purpose (e.g. BertModel's pooler when you read last_hidden_state) "
-            "can be silenced with a thresholds entry setting grad.missing to .inf for its pattern",
-        )
+            return H.hint(self.code, "no_grad", module=off or "<model>", leave_out=leave_out)
+        return H.hint(self.code, name=name, module=owner, leave_out=leave_out)
 
     def state_dict(self) -> dict:
         return {"streak": dict(self.streak)}
@@ -447,23 +424,12 @@ class GradNonfinite(Rule):
 
     def _hint(self, name: str, loss: float | None) -> str:
         origin = self.ctx.shared.get("nonfinite_origin")
+        lr = self.ctx.lr(name)
         if origin:
-            first = (
-                f"The forward pass already went non-finite in `{origin or '<model>'}` "
-                "(see numerics.nonfinite): fix that first, the gradients only inherit it"
-            )
-        elif loss is not None and math.isfinite(loss):
-            first = (
-                "The loss was finite, so the NaN is born in backward: look for sqrt, log, pow or a "
-                "division at 0 (their derivative is infinite there) between the loss and this parameter"
-            )
-        else:
-            first = "Find where the forward pass first goes non-finite (numerics.nonfinite)"
-        return H.join(
-            first,
-            H.lower_lr(self.ctx.lr(name), self.info),
-            "in float16 use a GradScaler or bfloat16; gradient clipping does not repair a NaN",
-        )
+            return H.hint(self.code, "forward", origin=origin, lr=lr, info=self.info)
+        if loss is not None and math.isfinite(loss):
+            return H.hint(self.code, "backward", lr=lr, info=self.info)
+        return H.hint(self.code, lr=lr, info=self.info)
 
     def state_dict(self) -> dict:
         return {"streak": self.streak}
@@ -551,12 +517,8 @@ class GradNormSpike(Rule):
                     else ""
                 )
             ),
-            hint=lambda: H.join(
-                f"A far too high learning rate: {H.lower_lr(self.ctx.lr(culprit), self.info)}",
-                f"clip gradients at a few times the typical norm (max_grad_norm ≈ {H.fmt(3 * med)})",
-                H.clipping(med),
-                "if it follows a bad batch, skip batches whose loss is non-finite or far off",
-            ),
+            hint=lambda: H.hint(self.code, lr=self.ctx.lr(culprit), info=self.info, max_norm=H.fmt(3 * med),
+                                typical=med),
             data={"grad_norm": gn, "median": med, "culprit": culprit, "culprit_ratio": own},
         )
 
@@ -691,13 +653,7 @@ class GradVanishing(Rule):
 
     def _hint(self, name: str) -> str:
         owner = _owner(self, name)
-        return H.join(
-            f"Look at what sits between `{owner}` and the loss: a saturating nonlinearity (see act.saturation), "
-            "a branch scaled down by a constant, or a missing normalisation",
-            H.layernorm(owner, self.info),
-            H.clipping(None),
-            "Adam rescues small gradients only down to its eps (1e-8): below that the parameter stops moving",
-        )
+        return H.hint(self.code, module=owner, info=self.info, typical=None)
 
     def state_dict(self) -> dict:
         return {"recent": self.recent.state_dict()}
@@ -803,12 +759,7 @@ class GradDeadTrend(Rule):
 
     def _hint(self, name: str) -> str:
         owner = _owner(self, name)
-        return H.join(
-            "Act before the plateau: once 40–60 % of a layer's gradient is zero, dead units rarely recover",
-            H.input_scale(owner, self.info),
-            H.layernorm(owner, self.info),
-            H.lower_lr(self.ctx.lr(name), self.info),
-        )
+        return H.hint(self.code, module=owner, lr=self.ctx.lr(name), info=self.info)
 
     def state_dict(self) -> dict:
         return {"history": self.history.state_dict(), "scale": self.scale.state_dict()}

@@ -121,11 +121,7 @@ class NumericsNonfinite(Rule):
                 f"the loss is {H.fmt(loss)} while every module output was finite: the non-finite "
                 "value is born outside the model (the loss function or the training loop)"
             ),
-            hint=H.join(
-                "Check the loss inputs: log of 0, division by a zero count (an empty batch or a "
-                "fully masked target), labels out of range",
-                "in float16 compute the loss in float32",
-            ),
+            hint=H.hint(self.code, "outside"),
         )
 
     def _message(self, target: str, origin, nf: float, corrupted: bool, benign: bool) -> str:
@@ -150,19 +146,9 @@ class NumericsNonfinite(Rule):
 
     def _hint(self, target: str, corrupted: bool) -> str:
         if corrupted:
-            return H.join(
-                "The weights are already corrupted: restart from the last good checkpoint",
-                "sample every step around the first bad loss (sampling.after_anomaly / a schedule) to see "
-                "where the NaN is born",
-                H.lower_lr(None),
-            )
+            return H.hint(self.code, "corrupted", lr=None)
         who = f"`{target}`'s forward" if target else "the model's forward"
-        return H.join(
-            f"Look inside {who} for a division by zero (a temperature or norm of 0), log or sqrt of values "
-            "<= 0, exp overflow, or a softmax over a row that is entirely -inf (a fully masked row)",
-            "in float16 overflow starts at 65504: use bfloat16 or keep this module in float32",
-            f"if the weights grew before this step (update.ratio, grad.norm_spike), {H.lower_lr(None)}",
-        )
+        return H.hint(self.code, who=who, lr=None)
 
     def state_dict(self) -> dict:
         return {"episode": self.episode, "open_step": self.open_step, "first_bad_loss": self.first_bad_loss}

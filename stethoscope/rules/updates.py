@@ -78,11 +78,7 @@ class UpdateRatio(Rule):
                     step,
                     key="update.ratio",
                     message=lambda name=name, v=value, u=u, lr=lr: self._message_high(name, v, u, lr),
-                    hint=lambda lr=lr: H.join(
-                        f"The learning rate is too high for these weights: {H.lower_lr(lr, self.info)}",
-                        "warm the learning rate up over the first few hundred steps",
-                        "for AdamW on a transformer, 1e-4 to 5e-4 is the usual range; 1e-3 is often already too high",
-                    ),
+                    hint=lambda lr=lr: H.hint(self.code, "high", lr=lr, info=self.info),
                 )
             elif self._low_eligible(name, record) and low.severity(value):
                 self.judge(
@@ -91,12 +87,7 @@ class UpdateRatio(Rule):
                     step,
                     key="update.ratio.low",
                     message=lambda name=name, v=value, lr=lr: self._message_low(name, v, lr),
-                    hint=lambda: H.join(
-                        "The learning rate is too low for these weights (or this parameter's group has "
-                        "a different one): raise it",
-                        "for AdamW on a transformer, 1e-5 is usually too slow and 1e-4 to 5e-4 the usual range",
-                        "check the param groups built by name (weight-decay groups often carry their own lr)",
-                    ),
+                    hint=H.hint(self.code, "low"),
                 )
             elif high.healthy(value, self.clear_factor) and low.healthy(value, self.clear_factor):
                 self.release(name, step, value)
@@ -121,11 +112,7 @@ class UpdateRatio(Rule):
             key="update.ratio.low",
             severity="critical",
             message=f"`{name}` gets a gradient but is in no optimizer param group: it never moves",
-            hint=H.join(
-                f"Add `{name}` to the optimizer (build it from model.parameters() after every "
-                "module is created)",
-                "or freeze it with requires_grad_(False) if it should not train",
-            ),
+            hint=H.hint(self.code, "not_in_optimizer", name=name),
         )
 
     def _implied(self, name: str, u: UpdateRecord, lr: float | None) -> str:

@@ -1,7 +1,7 @@
 """The attention rules driven directly on hand-built per-head statistics: no model, no capture.
 
 The messages and hints are pinned word for word: the table-driven invariant rules must say exactly what the
-hand-written ones said.
+hand-written ones said (the hints as rendered from stethoscope/rules/hints.yaml: one sentence, a final period).
 """
 
 from __future__ import annotations
@@ -44,20 +44,20 @@ def module(heads: list[dict], causal: bool = True, name: str = "h.0.attn", **kw)
 
 
 ROW_SUM_HINT = (
-    "a softmax row must sum to 1. Usual causes: the mask applied after the softmax (multiplying or filling "
+    "A softmax row must sum to 1. Usual causes: the mask applied after the softmax (multiplying or filling "
     "probabilities instead of adding -inf to the scores), the softmax taken over the wrong axis (dim=-2 instead "
-    "of -1), or a renormalisation/dropout applied before the weights are read"
+    "of -1), or a renormalisation/dropout applied before the weights are read."
 )
 CAUSAL_HINT = (
-    "the causal mask is missing or misaligned: fill the scores above the diagonal with -inf before the softmax "
+    "The causal mask is missing or misaligned: fill the scores above the diagonal with -inf before the softmax "
     "(masked_fill(~tril, -inf)), or pass is_causal=True / a causal 4-D mask to the attention kernel. A model "
     "that sees the future trains to a suspiciously low loss and fails at generation. "
-    "stethoscope.attention.check_causality(model, input_ids) confirms it from the outputs"
+    "stethoscope.attention.check_causality(model, input_ids) confirms it from the outputs."
 )
 PADDING_HINT = (
-    "the padding mask does not reach this attention: pass attention_mask to the model (not only to the "
+    "The padding mask does not reach this attention: pass attention_mask to the model (not only to the "
     "tokenizer), check it is 1 for tokens and 0 for padding, and that a custom attention adds it to the scores "
-    "before the softmax. Padding that leaks makes outputs depend on the batch's padding length"
+    "before the softmax. Padding that leaks makes outputs depend on the batch's padding length."
 )
 
 
