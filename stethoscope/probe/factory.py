@@ -97,7 +97,10 @@ def import_factory(spec: str, base_dir: Path | None = None) -> Callable[..., Any
             ) from None
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
-        public = [n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")][:8]
+        public = [
+            n for n, v in vars(mod).items()
+            if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == mod.__name__
+        ][:8]  # its own functions, not what it imported
         raise ProbeModelError(
             f"cannot import factory {spec!r}: {module} has no function {fn_name!r}"
             + (f" (it has {', '.join(public)})" if public else "")

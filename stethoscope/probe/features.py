@@ -607,6 +607,12 @@ def _store(feature, alias, mode, spec, values, idx, arrays, meta, out, n, open_m
             "the adapter's outputs must be batch-first (or set time_axis); for a state laid out "
             "(layers, batch, features), take a path into it"
         )
+    owner = meta["layers"].get(feature, {}).get("layer", alias)
+    if owner != alias:
+        raise ProbeLayerError(
+            f"layers {owner!r} and {alias!r} would both be stored as {feature!r}; name one by an alias "
+            "(aliases: {name: spec})"
+        )
     if feature not in arrays:
         file = _file_name(feature)
         arrays[feature] = open_memmap(out / file, mode="w+", dtype=np.float32, shape=(n, values.shape[1]))

@@ -11,7 +11,9 @@ A layer spec names a module and, optionally, what to take from it and how to red
     lstm.layers.1:output[1][0]            that layer's h_n
     proj:input[0]                         what goes *into* ``proj`` (its first positional argument)
     encoder.layer.2.attention:output[0]@first,last    a sub-module's output at [CLS] and the last token
-    model:output.pooler_output            a dataclass field / ModelOutput attribute; ['key'] for a dict key
+    pooler:output                         the same as ``pooler``, written out
+    :output.pooler_output                 the model itself (empty name): a ModelOutput attribute / dataclass
+                                          field; ['key'] for a dict key
 
 ``NAME`` is an alias or a module name; ``SOURCE`` is ``output`` (default) or ``input`` (the positional
 arguments; a string key or attribute reads a keyword argument); accessors are ``[int]`` (a tuple / list
@@ -37,8 +39,8 @@ POOLINGS = ("mean", "std", "mean_std", "max", "first", "last")
 ``first`` (first valid step: a [CLS] token) and ``last`` (last valid step: the last non-padding token, a
 recurrent encoder's final frame)."""
 
-_SPEC = re.compile(r"^(?P<name>[^:@]+?)(?::(?P<sel>[^@]*))?(?:@(?P<pool>[^@]+))?$")
-_SOURCE = re.compile(r"^(?P<source>output|input)(?P<rest>.*)$")
+_SPEC = re.compile(r"^(?P<name>[^:@]*?)(?::(?P<sel>[^@]*))?(?:@(?P<pool>[^@]+))?$")
+_SOURCE = re.compile(r"^(?P<source>output|input)(?P<rest>(?:[\[.].*)?)$")
 _ACCESSOR = re.compile(r"\[(?P<idx>-?\d+)\]|\[(?P<key>'[^']*'|\"[^\"]*\")\]|\.(?P<attr>[A-Za-z_]\w*)")
 _RNN_LAYER = re.compile(r"^(?P<module>.+)\.layers\.(?P<k>\d+)$")
 
@@ -94,7 +96,7 @@ def parse_tap(spec: str) -> Tap:
     syntax = "NAME[:output|input[ACCESSORS]][@POOLING,...], e.g. 'lstm:output[1][0]' or 'encoder_block_03@first'"
     text = str(spec).strip()
     m = _SPEC.match(text)
-    if not m or not m.group("name").strip():
+    if not m or not (m.group("name").strip() or m.group("sel") is not None):  # '' is the model itself
         raise ProbeLayerError(f"layer spec {spec!r} is malformed; write {syntax}")
     name, sel, pool = m.group("name").strip(), m.group("sel"), m.group("pool")
     source, path, explicit = "output", (), sel is not None
