@@ -23,6 +23,7 @@ from stethoscope.checks.optimizer import check_groups, check_optimizer
 from stethoscope.checks.tokenizer import check_special_tokens, check_tokenizer_vs_model
 from stethoscope.errors import MonitorUsageError, PreflightError
 from stethoscope.findings import SEVERITY_RANK, FindingLog
+from stethoscope.rules import hints as H
 from stethoscope.rules.producer import FindingProducer, ProducerContext, RulesSettings
 from stethoscope.run import Finding, fold_findings
 
@@ -130,7 +131,7 @@ def _check_config_tokens(model: Any, expected: dict[str, int], report: Any) -> N
             report(
                 "preflight.token_config", f"{role}_token_id", "critical",
                 f"model.config.{role}_token_id is {got}, expected {want}",
-                f"set `model.config.{role}_token_id = {want}` (and the tokenizer's) or fix the expected id",
+                H.hint("preflight.token_config", "expected", role=role, want=want),
                 value=got, threshold=want,
             )
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from stethoscope.checks.optimizer import Report
 from stethoscope.naming import clean_name
+from stethoscope.rules import hints as H
 from stethoscope.rules.model_info import _ADAM_LIKE
 
 # (lowest usual, highest usual) learning rate per optimizer family; outside both by this much is flagged.
@@ -66,8 +67,7 @@ def check_lr(optimizer: Any, report: Report) -> None:
                 "preflight.lr", label, "warning",
                 f"{label} {'has' if len(labels) == 1 else 'have'} learning rate {lr}: "
                 f"{'its' if len(labels) == 1 else 'their'} parameters will not move",
-                "set a positive learning rate, or freeze those parameters (requires_grad=False) and leave them "
-                "out of the optimizer if that is the intent",
+                H.hint("preflight.lr", "zero"),
                 value=lr,
             )
         elif family == "adam" and problem == "high":
@@ -76,8 +76,7 @@ def check_lr(optimizer: Any, report: Report) -> None:
                 f"{label}: {kind} learning rate {lr:g} is far above the usual range (about 1e-5 to 3e-3): "
                 "Adam-type optimizers normalise the gradient, so every weight moves by about lr per step "
                 f"whatever the loss scale — {lr:g} per step is larger than a typical transformer weight (~0.02)",
-                "use 1e-4 - 1e-3 to train from scratch (smaller for bigger models) and 1e-5 - 1e-4 to fine-tune "
-                "(2e-5 / 5e-5 are common defaults), with a warm-up",
+                H.hint("preflight.lr", "adam_high"),
                 value=lr, threshold=high,
             )
         elif family == "adam":
@@ -86,7 +85,7 @@ def check_lr(optimizer: Any, report: Report) -> None:
                 f"{label}: {kind} learning rate {lr:g} is far below anything usual: each weight moves by about "
                 f"{lr:g} per step, so 10,000 steps move it by {lr * 1e4:.1g} — below bfloat16 resolution of a "
                 "typical weight. (Fine-tuning rates such as 2e-5 are normal; this is 100x smaller)",
-                "check for a unit slip (1e-8 for 1e-5?) or a scheduler that never leaves warm-up",
+                H.hint("preflight.lr", "adam_low"),
                 value=lr, threshold=low,
             )
         elif problem == "high":
@@ -95,7 +94,7 @@ def check_lr(optimizer: Any, report: Report) -> None:
                 f"{label}: SGD learning rate {lr:g} is far above the usual range (about 1e-3 to 1; 0.1 with "
                 "momentum 0.9 is a classic for CNNs): SGD steps scale with the gradient, so this diverges "
                 "unless gradients are tiny",
-                "use 1e-3 - 0.1 (with momentum) and a warm-up; for transformers prefer AdamW",
+                H.hint("preflight.lr", "sgd_high"),
                 value=lr, threshold=high,
             )
         else:
@@ -104,7 +103,7 @@ def check_lr(optimizer: Any, report: Report) -> None:
                 f"{label}: SGD learning rate {lr:g} is far below the usual range (1e-3 to 1): plain SGD does "
                 "not normalise the gradient, so with typical gradient norms the weights barely move. "
                 "(Rates like 2e-5 are normal for Adam-type optimizers, not for SGD)",
-                "raise it (1e-3 - 0.1 with momentum), or use AdamW if the rate was chosen for Adam",
+                H.hint("preflight.lr", "sgd_low"),
                 value=lr, threshold=low,
             )
 
@@ -118,7 +117,7 @@ def check_clip(max_grad_norm: float | None, report: Report) -> None:
         report(
             "preflight.grad_clip", "max_grad_norm", "critical",
             f"max_grad_norm is {v}: clip_grad_norm_ scales every gradient to norm {v}, so nothing trains",
-            "use 1.0 (the Hugging Face default) or None to switch clipping off",
+            H.hint("preflight.grad_clip", "off"),
             value=v,
         )
     elif v < low:
@@ -126,7 +125,7 @@ def check_clip(max_grad_norm: float | None, report: Report) -> None:
             "preflight.grad_clip", "max_grad_norm", "warning",
             f"max_grad_norm {v:g} is far below the usual 0.1 - 10: almost every step is clipped, so the gradient's "
             "size is thrown away (with SGD the effective learning rate becomes lr x max_grad_norm / ‖g‖)",
-            "use 0.5 - 1.0; watch the grad_norm the monitor logs to see how often clipping acts",
+            H.hint("preflight.grad_clip", "low"),
             value=v, threshold=low,
         )
     elif v > high:
@@ -134,7 +133,7 @@ def check_clip(max_grad_norm: float | None, report: Report) -> None:
             "preflight.grad_clip", "max_grad_norm", "warning",
             f"max_grad_norm {v:g} is far above the usual 0.1 - 10: it never clips, so a loss spike passes "
             "through in full",
-            "use 1.0 to guard against spikes, or None to say clipping is off on purpose",
+            H.hint("preflight.grad_clip", "high"),
             value=v, threshold=high,
         )
 
@@ -181,7 +180,7 @@ def check_init(model: Any, report: Report) -> None:
             report(
                 "preflight.init_scale", clean_name(raw) or "<model>", "critical",
                 f"{clean_name(raw) or '<model>'}.weight holds NaN or Inf before training",
-                "re-initialise it (or reload the checkpoint): every output it touches will be non-finite",
+                H.hint("preflight.init_scale", "nonfinite"),
                 value=std,
             )
             continue
@@ -203,9 +202,7 @@ def check_init(model: Any, report: Report) -> None:
             + ("outputs grow by about that factor per layer, which saturates activations and blows up the "
                "first gradients" if big else
                "outputs shrink by about that factor per layer, so the signal and the gradients fade with depth"),
-            "initialise linear weights near std 1/sqrt(fan_in) (PyTorch's default is 1/sqrt(3 fan_in); "
-            "Hugging Face models use initializer_range 0.02, close to it for widths 256 - 4096): check a custom "
-            "init, a `mul_`/`fill_` on weights, or a wrong config.initializer_range",
+            H.hint("preflight.init_scale", "scale"),
             value=round(ratio, 4), threshold=INIT_FACTOR if big else round(low, 4),
             data={"std": std, "reference": ref, "fan_in": fan_in},
         )
@@ -215,6 +212,6 @@ def check_init(model: Any, report: Report) -> None:
             "preflight.init_scale", f"{len(rest)} more layers", "warning",
             f"{len(rest)} more linear layers have a weight scale more than {INIT_FACTOR:g}x away from "
             f"1/sqrt(fan_in): {', '.join(rest[:12])}{' …' if len(rest) > 12 else ''}",
-            "see the findings on the worst layers above",
+            H.hint("preflight.init_scale", "more"),
             value=len(rest), data={"layers": rest},
         )

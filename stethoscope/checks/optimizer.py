@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from stethoscope.naming import clean_name
+from stethoscope.rules import hints as H
 
 Report = Callable[..., None]  # report(code, target, severity, message, hint, value=None, threshold=None, data=None)
 
@@ -54,10 +55,7 @@ def check_optimizer(model: Any, optimizer: Any, report: Report) -> dict[int, lis
             "critical",
             f"{len(missing)} trainable parameter(s) ({numel:,} values) are in no optimizer group and will never "
             f"be updated: {_names(missing)}",
-            "build the optimizer from every trainable parameter (e.g. `model.parameters()`, or name-prefix groups "
-            "that together cover `named_parameters()`); a parameter added after the optimizer was built "
-            "(a new head, resized embeddings) needs `optimizer.add_param_group(...)`; or set "
-            "`requires_grad=False` if it is meant to stay frozen",
+            H.hint("preflight.param_missing"),
             value=len(missing), data={"parameters": missing},
         )
     if duplicated:
@@ -67,8 +65,7 @@ def check_optimizer(model: Any, optimizer: Any, report: Report) -> dict[int, lis
             next(iter(duplicated)) if len(duplicated) == 1 else f"{len(duplicated)} parameters", "critical",
             f"{len(duplicated)} parameter(s) appear more than once in the optimizer and get updated (and their "
             f"optimizer state kept) once per appearance: {_names(listed)}",
-            "give each parameter exactly one group: build the groups from disjoint name prefixes and de-duplicate "
-            "(tied weights such as an LM head sharing the embedding appear once in `named_parameters()`)",
+            H.hint("preflight.param_duplicate"),
             value=len(duplicated), data={"parameters": {n: gs for n, gs in duplicated.items()}},
         )
     if frozen:
@@ -76,8 +73,7 @@ def check_optimizer(model: Any, optimizer: Any, report: Report) -> dict[int, lis
             "preflight.param_frozen", frozen[0] if len(frozen) == 1 else f"{len(frozen)} parameters", "warning",
             f"{len(frozen)} parameter(s) with requires_grad=False are in the optimizer: {_names(frozen)}. They get "
             "no gradient, so they are not trained; with weight decay some optimizers still shrink them",
-            "leave frozen parameters out of the optimizer (`[p for p in model.parameters() if p.requires_grad]`), or "
-            "unfreeze them if they are meant to train (check the freeze schedule, e.g. `detection_freeze_epochs`)",
+            H.hint("preflight.param_frozen"),
             value=len(frozen), data={"parameters": frozen},
         )
     if foreign:
@@ -86,8 +82,7 @@ def check_optimizer(model: Any, optimizer: Any, report: Report) -> dict[int, lis
             "preflight.param_foreign", None, "critical" if everything else "warning",
             f"the optimizer holds {foreign} tensor(s) that are not parameters of this model"
             + (" — none of its tensors are: it was built for another copy of the model" if everything else ""),
-            "build the optimizer after the model is final: after `copy.deepcopy`, re-creating or re-loading the "
-            "model, or wrapping it in a way that replaces parameters; pass the model whose parameters it holds",
+            H.hint("preflight.param_foreign"),
             value=foreign,
         )
     return where
@@ -122,15 +117,14 @@ def check_groups(model: Any, optimizer: Any, expected: dict[str, list[str] | str
         report(
             "preflight.param_group", name, "critical",
             f"trainable parameter {name} matches none of the declared group prefixes ({declared})",
-            "add its prefix to the group it belongs to (expected_groups / the optimizer spec), or freeze it; a "
-            "rogue parameter would otherwise train with a default learning rate, or not at all",
+            H.hint("preflight.param_group", "unmatched"),
             data={"declared": expected},
         )
     for name, hits in ambiguous.items():
         report(
             "preflight.param_group", name, "critical",
             f"parameter {name} matches the prefixes of several groups: {', '.join(hits)}",
-            "make the prefixes disjoint (a longer prefix does not take precedence)",
+            H.hint("preflight.param_group", "ambiguous"),
             data={"groups": hits},
         )
     if optimizer is None or where is None:
@@ -149,7 +143,7 @@ def check_groups(model: Any, optimizer: Any, expected: dict[str, list[str] | str
                 "preflight.param_group", name, "critical",
                 f"parameter {name} belongs to group {group!r} by its prefix but sits in optimizer "
                 f"{', '.join(_group_label(groups, gi) for gi in gis)}",
-                "build each optimizer group from its declared prefixes only",
+                H.hint("preflight.param_group", "misplaced"),
                 data={"expected": group, "actual": [names.get(gi) for gi in gis]},
             )
     if not named_groups:
@@ -161,7 +155,6 @@ def check_groups(model: Any, optimizer: Any, expected: dict[str, list[str] | str
                     "preflight.param_group", group, "warning",
                     f"the parameters of declared group {group!r} are spread over optimizer groups "
                     f"{sorted(gis)} with different learning rates ({', '.join(str(x) for x in sorted(lrs))})",
-                    "give the optimizer groups a 'name' key matching expected_groups, so each can be checked, "
-                    "or keep one declared group in one optimizer group",
+                    H.hint("preflight.param_group", "spread"),
                     data={"optimizer_groups": sorted(gis)},
                 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from stethoscope.checks.optimizer import Report
+from stethoscope.rules import hints as H
 
 ROLES = ("pad", "bos", "eos", "unk", "sep", "cls", "mask")
 _CONFIG_ROLES = ("pad", "bos", "eos", "decoder_start", "sep", "cls")
@@ -41,8 +42,7 @@ def check_special_tokens(tokenizer: Any, expected: dict[str, int], report: Repor
                     "preflight.special_token", key, "critical",
                     f"special token {key!r} is not in the tokenizer's vocabulary ({what} gives the unknown-token "
                     f"id {got}); expected id {want}",
-                    f"add it: `tokenizer.add_special_tokens({{'additional_special_tokens': [{key!r}]}})` then "
-                    "`model.resize_token_embeddings(len(tokenizer))` — or load the tokenizer saved with the model",
+                    H.hint("preflight.special_token", "missing", token=repr(key)),
                     value=got, threshold=want,
                 )
                 continue
@@ -50,9 +50,7 @@ def check_special_tokens(tokenizer: Any, expected: dict[str, int], report: Repor
             report(
                 "preflight.special_token", key, "critical",
                 f"{what} is {got!r} (token {token!r}), expected {want}",
-                "load the tokenizer that was saved with the model (same folder / revision), or fix the expected "
-                "ids; a drifted id makes the model read and predict the wrong token (the HF field note asserts "
-                "every special id at start-up for this reason)",
+                H.hint("preflight.special_token", "drifted"),
                 value=got, threshold=want,
             )
 
@@ -75,8 +73,7 @@ def check_tokenizer_vs_model(tokenizer: Any, model: Any, report: Report) -> None
                     + (": padding positions are masked from the loss or attention by one id and written with "
                        "another" if role == "pad" else
                        ": generation stops (or starts) on a different token than the data uses"),
-                    f"make them agree: `{source_name}.{role}_token_id = tokenizer.{role}_token_id` (and save both), "
-                    "or load the tokenizer that belongs to the checkpoint",
+                    H.hint("preflight.token_config", "tokenizer", source=source_name, role=role),
                     value=tok_id, threshold=cfg_id,
                     data={"tokenizer": tok_id, "config": cfg_id, "source": source_name},
                 )
@@ -95,7 +92,7 @@ def check_tokenizer_vs_model(tokenizer: Any, model: Any, report: Report) -> None
             "preflight.vocab_size", "embeddings", "critical",
             f"the tokenizer has {size} tokens but the input embedding has {rows} rows: ids {rows}..{size - 1} "
             "index past the table (an index error on CPU, a device-side assert on CUDA)",
-            "call `model.resize_token_embeddings(len(tokenizer))` after adding tokens, or load the matching tokenizer",
+            H.hint("preflight.vocab_size"),
             value=size, threshold=rows,
         )
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "pad_token_id", None) is None:
@@ -103,6 +100,5 @@ def check_tokenizer_vs_model(tokenizer: Any, model: Any, report: Report) -> None
             "preflight.pad_token", "pad_token", "warning",
             "the tokenizer has no pad token: batching sequences of different lengths with padding fails "
             "(or a pad id is invented somewhere else)",
-            "`tokenizer.pad_token = tokenizer.eos_token` for a causal LM (and set model.config.pad_token_id to "
-            "the same id), or add a dedicated pad token and resize the embeddings",
+            H.hint("preflight.pad_token"),
         )
