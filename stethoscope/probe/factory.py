@@ -98,7 +98,8 @@ def import_factory(spec: str, base_dir: Path | None = None) -> Callable[..., Any
     fn = getattr(mod, fn_name, None)
     if fn is None or not callable(fn):
         public = [
-            n for n, v in vars(mod).items()
+            n
+            for n, v in vars(mod).items()
             if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == mod.__name__
         ][:8]  # its own functions, not what it imported
         raise ProbeModelError(

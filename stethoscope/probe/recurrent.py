@@ -75,7 +75,9 @@ class LayerRunner:
         outs = []
         for k in range(upto + 1):
             single = self._single(k)
-            params = {name: getattr(rnn, name.replace("_l0", f"_l{k}")) for name in single._flat_weights_names}
+            params = {
+                name: getattr(rnn, name.replace("_l0", f"_l{k}")) for name in single._flat_weights_names
+            }
             if hx is None:
                 hk = None
             elif isinstance(hx, tuple):  # LSTM (h_0, c_0): (L * dirs, B, H) each

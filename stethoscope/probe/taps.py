@@ -93,7 +93,9 @@ def parse_tap(spec: str) -> Tap:
     Raises:
         ProbeLayerError: a malformed spec, saying which part is wrong and showing the syntax.
     """
-    syntax = "NAME[:output|input[ACCESSORS]][@POOLING,...], e.g. 'lstm:output[1][0]' or 'encoder_block_03@first'"
+    syntax = (
+        "NAME[:output|input[ACCESSORS]][@POOLING,...], e.g. 'lstm:output[1][0]' or 'encoder_block_03@first'"
+    )
     text = str(spec).strip()
     m = _SPEC.match(text)
     if not m or not (m.group("name").strip() or m.group("sel") is not None):  # '' is the model itself
@@ -157,7 +159,11 @@ def _is_packed(obj: Any) -> bool:
 
 
 def _is_tensor(obj: Any) -> bool:
-    return type(obj).__module__.startswith("torch") and hasattr(obj, "is_floating_point") and hasattr(obj, "shape")
+    return (
+        type(obj).__module__.startswith("torch")
+        and hasattr(obj, "is_floating_point")
+        and hasattr(obj, "shape")
+    )
 
 
 def default_value(obj: Any) -> Any:

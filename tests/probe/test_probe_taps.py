@@ -26,8 +26,16 @@ from stethoscope.probe.taps import POOLINGS, Tap, parse_tap
 
 def test_spec_syntax_round_trips_and_bad_specs_say_why():
     tap = parse_tap("lstm.layers.1:output[1][0][-1]@mean,last")
-    assert tap == Tap("lstm.layers.1", "output", (("index", 1), ("index", 0), ("index", -1)), ("mean", "last"), True)
-    for spec in ("lstm:output[1][0]", "enc:output['hidden'].states[2]", "proj:input[0]", "block_01@first", "x"):
+    assert tap == Tap(
+        "lstm.layers.1", "output", (("index", 1), ("index", 0), ("index", -1)), ("mean", "last"), True
+    )
+    for spec in (
+        "lstm:output[1][0]",
+        "enc:output['hidden'].states[2]",
+        "proj:input[0]",
+        "block_01@first",
+        "x",
+    ):
         assert str(parse_tap(spec)) == spec
     assert parse_tap('m:input["mask"]').path == (("key", "mask"),)
     with pytest.raises(ProbeLayerError, match=r"after ':' comes 'output' or 'input'.*not 'outputs\[0\]'"):
@@ -97,7 +105,9 @@ def test_a_wrong_path_lists_what_the_output_holds(tmp_path):
         extract_features(items, adapter, {"r": "enc:input[3]"}, tmp_path / "c", progress=False)
     with pytest.raises(ProbeModelError, match="1-D tensor"):
         extract_features(items, adapter, {"r": "head:output[0]"}, tmp_path / "d", progress=False)
-    with pytest.raises(ProbeLayerError, match=r"layer 'ecn' is neither an alias nor a module.*did you mean 'enc'"):
+    with pytest.raises(
+        ProbeLayerError, match=r"layer 'ecn' is neither an alias nor a module.*did you mean 'enc'"
+    ):
         resolve_layers(adapter.module, ["ecn:output[0]"])
 
 
@@ -122,32 +132,51 @@ def test_poolings_against_a_naive_reference():
 
 def _audio_items(n=10):
     rng = np.random.default_rng(0)
-    return [ProbeItem(index=i, id=f"u{i}", audio=rng.normal(size=800 + 80 * i).astype(np.float32)) for i in range(n)]
+    return [
+        ProbeItem(index=i, id=f"u{i}", audio=rng.normal(size=800 + 80 * i).astype(np.float32))
+        for i in range(n)
+    ]
 
 
 def test_several_poolings_in_one_pass_equal_separate_passes(tmp_path, audio_adapter):
     items = _audio_items()
     lengths = np.array([len(it.audio) for it in items])
     adapter = audio_adapter()
-    layers = resolve_layers(adapter.module, ["decoder_block_01", "proj", "proj_last"], {"proj_last": "proj@last"})
+    layers = resolve_layers(
+        adapter.module, ["decoder_block_01", "proj", "proj_last"], {"proj_last": "proj@last"}
+    )
     modes = list(POOLINGS)
     before = adapter.module.calls
     one = extract_features(
         items, adapter, layers, tmp_path / "one", pooling=modes, batch_size=4, lengths=lengths, progress=False
     )
     assert adapter.module.calls - before == 3  # one forward per batch of 4, for all six poolings
-    assert one.layers == [f"decoder_block_01@{m}" for m in modes] + [f"proj@{m}" for m in modes] + ["proj_last"]
+    assert one.layers == [f"decoder_block_01@{m}" for m in modes] + [f"proj@{m}" for m in modes] + [
+        "proj_last"
+    ]
     for mode in modes:
         sep = extract_features(
-            items, audio_adapter(), {"b": "decoder.layers.1", "p": "proj"}, tmp_path / mode, pooling=mode,
-            batch_size=4, lengths=lengths, progress=False,
+            items,
+            audio_adapter(),
+            {"b": "decoder.layers.1", "p": "proj"},
+            tmp_path / mode,
+            pooling=mode,
+            batch_size=4,
+            lengths=lengths,
+            progress=False,
         )
         np.testing.assert_array_equal(one.array(f"decoder_block_01@{mode}"), sep.array("b"))
         np.testing.assert_array_equal(one.array(f"proj@{mode}"), sep.array("p"))
     np.testing.assert_array_equal(one.array("proj_last"), one.array("proj@last"))  # the spec's own pooling
-    with pytest.raises(ProbeLayerError, match=r"layers 'proj' and 'proj@last' would both be stored as 'proj@last'"):
+    with pytest.raises(
+        ProbeLayerError, match=r"layers 'proj' and 'proj@last' would both be stored as 'proj@last'"
+    ):
         extract_features(
-            items, adapter, {"proj": "proj", "proj@last": "proj@last"}, tmp_path / "clash", pooling=["mean", "last"],
+            items,
+            adapter,
+            {"proj": "proj", "proj@last": "proj@last"},
+            tmp_path / "clash",
+            pooling=["mean", "last"],
             progress=False,
         )
     assert one.meta["layers"]["decoder_block_01@mean_std"] == {
@@ -172,9 +201,13 @@ def test_threads_apply_to_the_forward_and_are_restored(tmp_path):
     adapter = ProbeAdapter(Net(), lambda b: torch.ones(len(b), 3, 2))
     before = torch.get_num_threads()
     target = 1 if before != 1 else 2
-    extract_features(items, adapter, {"lin": "lin"}, tmp_path / "a", threads=target, batch_size=2, progress=False)
+    extract_features(
+        items, adapter, {"lin": "lin"}, tmp_path / "a", threads=target, batch_size=2, progress=False
+    )
     assert seen == [target, target] and torch.get_num_threads() == before
-    extract_features(items, adapter, {"lin": "lin"}, tmp_path / "b", threads=None, batch_size=4, progress=False)
+    extract_features(
+        items, adapter, {"lin": "lin"}, tmp_path / "b", threads=None, batch_size=4, progress=False
+    )
     assert seen[-1] == before
 
 
@@ -206,14 +239,18 @@ def test_factories_next_to_the_config_and_by_file_path(tmp_path):
         {"name": "c", "kind": "module", "factory": "missing_mod_xyz:make"},
         {"name": "d", "kind": "module", "factory": "models/nope.py:make"},
     ]
-    (folder / "probe.yaml").write_text(yaml.safe_dump({"dataset": {"sample_rate": 22050}, "representations": reps}))
+    (folder / "probe.yaml").write_text(
+        yaml.safe_dump({"dataset": {"sample_rate": 22050}, "representations": reps})
+    )
     cfg = load_config(folder / "probe.yaml")
     a = build_adapter(cfg.representations[0], cfg)
     assert a.module.sample_rate == 22050 and a.module[0].out_features == 5  # the dataset's rate, passed in
     b = build_adapter(cfg.representations[1], cfg)
     assert b.module.sample_rate == 44100 and b.module[0].out_features == 7  # its own folder's sibling
     assert str(folder) not in __import__("sys").path  # not left behind
-    with pytest.raises(ProbeModelError, match=r"cannot import factory 'missing_mod_xyz:make'.*config's folder"):
+    with pytest.raises(
+        ProbeModelError, match=r"cannot import factory 'missing_mod_xyz:make'.*config's folder"
+    ):
         build_adapter(cfg.representations[2], cfg)
     with pytest.raises(ProbeModelError, match=r"factory file .*nope.py' does not exist"):
         build_adapter(cfg.representations[3], cfg)
