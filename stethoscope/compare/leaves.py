@@ -48,8 +48,13 @@ def input_leaves(args: tuple, kwargs: dict | None) -> list[tuple[str, torch.Tens
     return out
 
 
+def dims(t: torch.Tensor) -> str:
+    """``(2, 5, 64)``."""
+    return f"({', '.join(str(s) for s in t.shape)})"
+
+
 def shape_of(t: torch.Tensor | None) -> str:
     """``(2, 5, 64) float32`` for messages and tables; ``none`` for a missing leaf."""
     if t is None:
         return "none"
-    return f"({', '.join(str(s) for s in t.shape)}) {str(t.dtype).replace('torch.', '')}"
+    return f"{dims(t)} {str(t.dtype).replace('torch.', '')}"

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stethoscope.compare.leaves import input_leaves, shape_of, tensor_leaves
+from stethoscope.compare.leaves import dims, input_leaves, shape_of, tensor_leaves
 from stethoscope.compare.result import Comparison, GradDiff, ModuleDiff
 from stethoscope.compare.store import DEFAULT_BUDGET, ReferenceStore
 from stethoscope.compare.tolerance import DEFAULT_FACTOR, PairError, pair_error, worst
@@ -131,7 +131,7 @@ class _Recorder:
             self.count[name] = call + 1
             stack = self.pending.get(name) or [[]]
             ins = stack.pop() if stack else []
-            outs = [(p, self.store.put(t), shape_of(t)) for p, t in tensor_leaves(output)]
+            outs = [(p, self.store.put(t), shape_of(t), dims(t)) for p, t in tensor_leaves(output)]
             self.calls[(name, call)] = {"cls": type(module).__name__, "in": ins, "out": outs}
             self.order.append((name, call))
         return hook
@@ -187,7 +187,7 @@ class _Comparer:
                 store = self.ref.store
                 for _, blob in rec["in"]:
                     store.release(blob)
-                for _, blob, _ in rec["out"]:
+                for _, blob, *_ in rec["out"]:
                     store.release(blob)
                 self.advance()
         return hook
@@ -196,23 +196,23 @@ class _Comparer:
              in_err: PairError | None) -> ModuleDiff:
         name_a = key[0]
         outs_b = list(tensor_leaves(output))
-        paths_a = [p for p, _, _ in rec["out"]]
+        paths_a = [p for p, *_ in rec["out"]]
         paths_b = [p for p, _ in outs_b]
         if paths_a != paths_b:
-            shape_a = ", ".join(f"{p or 'output'} {s}" for p, _, s in rec["out"]) or "no tensor"
+            shape_a = ", ".join(f"{p or 'output'} {s}" for p, _, s, _ in rec["out"]) or "no tensor"
             shape_b = ", ".join(f"{p or 'output'} {shape_of(t)}" for p, t in outs_b) or "no tensor"
             raise StructureMismatchError(name_a, f"[{shape_a}]", f"[{shape_b}]",
                                          f" (tensor leaves {paths_a} vs {paths_b})")
         errors: list[tuple[str, PairError]] = []
         dtype_a = dtype_b = shape = ""
-        for (path, blob, s_a), (_, t) in zip(rec["out"], outs_b, strict=True):
+        for (path, blob, s_a, d_a), (_, t) in zip(rec["out"], outs_b, strict=True):
             a = self.ref.store.get(blob)
             if a.shape != t.shape:
                 where = f" (output {path!r})" if path else ""
                 raise StructureMismatchError(name_a, s_a, shape_of(t), where)
             errors.append((path, pair_error(a, t, self.factor)))
             if not shape:
-                shape, dtype_a, dtype_b = s_a.split(" ")[0], str(a.dtype)[6:], str(t.dtype)[6:]
+                shape, dtype_a, dtype_b = d_a, str(a.dtype)[6:], str(t.dtype)[6:]
         e = worst([x for _, x in errors])
         leaf = next((p for p, x in errors if x is e), "")
         inputs_differ = bool(in_err is not None and in_err.differs)
@@ -378,7 +378,7 @@ def compare(
                 for rec in ref.calls.values():
                     for _, blob in rec["in"]:
                         store.release(blob)
-                    for _, blob, _ in rec["out"]:
+                    for _, blob, *_ in rec["out"]:
                         store.release(blob)
                 result_rows.append(cmp.rows)
     finally:
@@ -429,7 +429,7 @@ def _compare_grads(store: ReferenceStore, grads_a: dict[str, int], grads_b: dict
         if a.shape != g.shape:
             raise StructureMismatchError(name_a, shape_of(a), shape_of(g), " (parameter gradient)")
         e = pair_error(a, g, factor)
-        out.append(GradDiff(name=name_a, shape=shape_of(a).split(" ")[0], rel=e.rel, max_abs=e.max_abs,
+        out.append(GradDiff(name=name_a, shape=dims(a), rel=e.rel, max_abs=e.max_abs,
                             max_rel=e.max_rel, share=e.share, tol=e.tol, differs=e.differs))
         store.release(blob)
     return out

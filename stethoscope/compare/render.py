@@ -70,9 +70,17 @@ def print_runs(result: RunComparison, console: Any) -> None:
     for note in result.notes:
         console.print(f"note: {escape(note)}", soft_wrap=True)
     if result.splits:
-        cells = [[str(s.step), s.kind, s.where, s.stat, format_value(s.a), format_value(s.b), _e(s.threshold)]
-                 for s in result.splits[:MAX_SPLITS]]
-        console.print(fitted_table(f"first series to part ways ({len(result.splits)} of {result.series}; "
-                                   f"{result.steps} shared steps)",
-                                   ["step", "kind", "name", "stat", "A", "B", "threshold"], cells, console.width,
-                                   right=(0, 4, 5, 6)))
+        seen: set[tuple[str, str]] = set()
+        cells = []
+        for s in result.splits:  # one row per module and kind: the first statistic of it to part ways
+            if (s.kind, s.name) in seen:
+                continue
+            seen.add((s.kind, s.name))
+            cells.append([s.where, s.kind, s.stat, str(s.step), format_value(s.a), format_value(s.b),
+                          _e(s.threshold)])
+            if len(cells) == MAX_SPLITS:
+                break
+        console.print(fitted_table(f"first series to part ways ({len(result.splits)} of {result.series} series; "
+                                   f"{result.steps} shared steps; one row per module and kind)",
+                                   ["name", "kind", "stat", "step", "A", "B", "threshold"], cells, console.width,
+                                   right=(3, 4, 5, 6)))

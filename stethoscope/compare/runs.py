@@ -15,10 +15,13 @@ different data order) are not called apart at the first ulp, and two runs with t
 until a change, part ways exactly where the change is. Memory readings (``kind = memory``) are not compared:
 they differ between any two processes.
 
-The **step** is the earliest step any series parts ways; the **module** is the first module or parameter
-series to part ways — the earliest step, then activations before module inputs, attention, gradients and
-updates, then run A's recording order (activations in the order the modules finished: a child before its
-parent), so the module named is the first one in the forward pass whose statistics changed.
+The **step** is the earliest step any series parts ways. The **module** is where the difference is born:
+of the activation series, ordered by step and then by run A's recording order (the order the modules
+finished: a child before its parent), the first whose module's recorded inputs had not parted ways by then.
+A child fed a value its parent's own forward computed (``c_proj`` after an in-forward division by zero) has
+differing inputs, so its parent — the next to finish — is named, as ``numerics.nonfinite`` names it.
+Without activation rows it is the first module or parameter series (activations, inputs, attention,
+gradients, updates, in that order) to part ways.
 """
 
 from __future__ import annotations
@@ -186,8 +189,9 @@ def _long(metrics: pd.DataFrame) -> pd.DataFrame:
     parts = []
     for _, sub in df.groupby("kind", sort=False):  # a kind's own statistics; a NaN among them is a value
         cols = [c for c in stats if sub[c].notna().any()]
-        parts.append(sub.melt(id_vars=["step", "kind", "name", "output", "pos"], value_vars=cols, var_name="stat"))
-    long = pd.concat(parts, ignore_index=True)
+        parts.append(sub.melt(id_vars=["step", "kind", "name", "output", "pos"], value_vars=cols, var_name="stat",
+                              value_name="v"))
+    long = pd.concat(parts, ignore_index=True).rename(columns={"v": "value"})
     long["value"] = pd.to_numeric(long["value"], errors="coerce")
     long["step"] = long["step"].astype(int)
     return long
@@ -213,6 +217,21 @@ def _first_split(a: np.ndarray, b: np.ndarray, rtol: float, atol: float, sigmas:
         if d[t] > thr:
             return int(t), thr, noise
     return -1, 0.0, 0.0
+
+
+def _origin(ordered: list[Split]) -> Split | None:
+    """The first module whose activations part ways while its recorded inputs do not (yet): a child whose
+    input already differs (``c_proj`` fed a NaN its parent's own forward made) hands the blame to the next
+    module to finish, its parent, as the monitor's ``numerics.nonfinite`` does. Without activation rows,
+    the first module or parameter series."""
+    inputs_apart = {}
+    for s in ordered:
+        if s.kind == "input":
+            inputs_apart.setdefault(s.name, s.step)
+    for s in ordered:
+        if s.kind == "act" and not (s.name in inputs_apart and inputs_apart[s.name] <= s.step):
+            return s
+    return next((s for s in ordered if s.kind != "scalar"), None)
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, *, rtol: float = RTOL, atol: float = ATOL,
@@ -258,7 +277,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, rtol: float = RTOL, at
     step = ordered[0].step if ordered else None
     # at the first step, a scalar (the loss) is the headline when it parts ways there; else the first series
     first = next((s for s in ordered if s.step == step and s.kind == "scalar"), ordered[0] if ordered else None)
-    module = next((s for s in ordered if s.kind != "scalar"), None)
+    module = _origin(ordered)
     if module is not None and step is not None and module.step != step:
         notes.append(f"no module statistic was recorded apart at step {step}; the first module to part ways did at "
                      f"step {module.step} (module statistics exist only on sampled steps)")
