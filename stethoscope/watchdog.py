@@ -319,7 +319,7 @@ class Watchdog:
                         self.hb.step,
                         f"stethoscope's own code raised {type(exc).__name__}: {exc} (in watchdog); the hang "
                         "watchdog stopped",
-                        "this is a stethoscope bug: please report it with data.traceback",
+                        H.hint("monitor.error"),
                         data={"traceback": traceback.format_exc(), "exception": type(exc).__name__},
                     )
                     self._errors.settle(self.hb.step)

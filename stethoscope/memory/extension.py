@@ -379,7 +379,7 @@ class MemoryExtension(Extension):
         self.ooms.propose(
             module if module and module != "<model>" else None, "critical",
             round(req / 2**20, 1) if req else None, None, step, message,
-            "; ".join(fixes[:4]) + f" (all remedies and the largest tensors in {path.name})", data,
+            H.join(*fixes[:4], H.shared("see_dump", dump=path.name)), data,
         )
         self.ooms.settle(step)
         logging.getLogger("stethoscope.memory").debug("memory.oom finding written, dump %s", path.name)

@@ -57,7 +57,11 @@ def join(*clauses: str | None) -> str:
 def table() -> dict:
     """``hints.yaml`` parsed: ``{"shared": {name: {variant: template}}, "codes": {code: {case: entry}}}``."""
     text = resources.files("stethoscope.rules").joinpath("hints.yaml").read_text(encoding="utf-8")
-    data = yaml.safe_load(text)
+    return validate(yaml.safe_load(text))
+
+
+def validate(data: dict) -> dict:
+    """``data`` if every clause is text or ``{if, says}``; else a ValueError naming the code and case."""
     for code, cases in data["codes"].items():
         for case, entry in cases.items():
             for clause in entry["says"]:

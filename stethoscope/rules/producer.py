@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from stethoscope.findings import SEVERITY_RANK, FindingLog, finding_id
+from stethoscope.rules import hints as H
 from stethoscope.rules.thresholds import Threshold, ThresholdResolver
 
 Text = str | Callable[[], str]
@@ -167,7 +168,7 @@ class FindingProducer:
         if key in noted:
             return
         noted.add(key)
-        self.propose(target, "info", value, None, step, message, "nothing to fix: this is expected")
+        self.propose(target, "info", value, None, step, message, H.join(H.shared("expected")))
 
     def release(self, target: str | None, step: int | None, value: Any = None) -> None:
         """The condition on ``target`` no longer holds: close its finding if one is open (at once).
