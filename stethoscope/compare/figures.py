@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from stethoscope.compare.layers import is_layer
 from stethoscope.errors import MissingDependencyError
-
-if TYPE_CHECKING:
-    from stethoscope.compare.result import Comparison
-    from stethoscope.compare.runs import RunComparison
 
 
 def _pyplot() -> Any:
@@ -24,11 +21,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def error_growth(result: Comparison, path: Path) -> Path:
-    """Relative error per module output in execution order (log y), tolerance line, block ticks, first
-    divergence marked. Exact zeros sit on the bottom edge (a log axis has no 0)."""
-    from stethoscope.compare.result import is_layer
-
+def error_growth(result: Any, path: Path) -> Path:
+    """A :class:`~stethoscope.compare.result.Comparison`'s relative error per module output in execution order
+    (log y), tolerance line, block ticks, first divergence marked. Exact zeros sit on the bottom edge."""
     plt = _pyplot()
     rows = result.rows
     positive = [r.rel for r in rows if 0 < r.rel < math.inf]
@@ -61,8 +56,8 @@ def error_growth(result: Comparison, path: Path) -> Path:
     return path
 
 
-def loss_curves(result: RunComparison, path: Path) -> Path:
-    """Both runs' loss (or the first shared scalar) against step, the step where they part ways marked."""
+def loss_curves(result: Any, path: Path) -> Path:
+    """A :class:`~stethoscope.compare.runs.RunComparison`: both runs' loss (or the first shared scalar) against step, the step where they part ways marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     name = result.curve_name

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stethoscope._format import format_float
+from stethoscope.compare.layers import is_layer
 
 
 @dataclass
@@ -57,17 +58,6 @@ class GradDiff:
     share: float
     tol: float
     differs: bool
-
-
-def is_layer(name: str) -> bool:
-    """A row of the error-growth table: the model, its direct children, and each repeated block
-    (``transformer.h.3``, ``model.layers.3``, ``encoder.layer.3``)."""
-    from stethoscope.report.model import CONTAINERS
-
-    parts = name.split(".") if name else []
-    if len(parts) <= 1:
-        return True
-    return parts[-1].isdigit() and parts[-2] in CONTAINERS
 
 
 @dataclass
