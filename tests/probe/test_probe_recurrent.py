@@ -139,6 +139,7 @@ def test_per_layer_h_n_and_packed_batches_match_the_hand_split_lstm(speaker_prob
     embed.load_state_dict({k[len("embed.") :]: v for k, v in state.items() if k.startswith("embed.")})
     logmel = LogMel(8000, n_mels=16)
     items = load_audio(_manifest(config, check_audio=False).items(), 8000)
+    arr = {name: np.asarray(feats.array(name)) for name in feats.layers}  # (N, D) each, read once
     lengths = set()
     with torch.no_grad():
         for i, it in enumerate(items):
@@ -148,11 +149,11 @@ def test_per_layer_h_n_and_packed_batches_match_the_hand_split_lstm(speaker_prob
             for k, single in enumerate(singles):
                 x, (h, _) = single(x)  # (1, T_i, 24), (1, 1, 24)
                 h_all.append(h[0, 0])
-                np.testing.assert_allclose(feats.array(f"lstm_layer_0{k}@mean")[i], x[0].mean(0), atol=1e-5)
-                np.testing.assert_allclose(feats.array(f"lstm_layer_0{k}@last")[i], x[0, -1], atol=1e-5)
-            np.testing.assert_allclose(feats.array("h_n")[i], torch.cat(h_all), atol=1e-5)  # (3 * 24,)
-            np.testing.assert_allclose(feats.array("h_n_1")[i], h_all[1], atol=1e-5)
-            np.testing.assert_allclose(feats.array("embed")[i], embed(h_all[2]), atol=1e-5)
+                np.testing.assert_allclose(arr[f"lstm_layer_0{k}@mean"][i], x[0].mean(0), atol=1e-5)
+                np.testing.assert_allclose(arr[f"lstm_layer_0{k}@last"][i], x[0, -1], atol=1e-5)
+            np.testing.assert_allclose(arr["h_n"][i], torch.cat(h_all), atol=1e-5)  # (3 * 24,)
+            np.testing.assert_allclose(arr["h_n_1"][i], h_all[1], atol=1e-5)
+            np.testing.assert_allclose(arr["embed"][i], embed(h_all[2]), atol=1e-5)
     assert len(lengths) > 3  # items of several lengths: the batches really were ragged
     # the fused module's top layer and its recomputed layer 2 are the same numbers
     np.testing.assert_array_equal(feats.array("lstm@mean"), feats.array("lstm_layer_02@mean"))
