@@ -10,8 +10,10 @@ turns a batch of :class:`~stethoscope.probe.manifest.ProbeItem` into its inputs:
             return ModelInputs(kwargs={"input_ids": ids}, mask=mask)   # mask: (B, T) valid steps
         return ProbeAdapter(model, preprocess, aliases={"decoder_block_08": "decoder.layers.8"})
 
-A forward hook on each requested module pools its output over time (mean, or mean and std) inside the
-hook, so full hidden states never pile up; extraction writes each batch and then marks its items done,
+A layer can be a *tap* (taps.py): an output path (``lstm:output[1][0]``), a module's input, one layer of
+a multi-layer RNN (``lstm.layers.1``, recurrent.py). A forward hook on each tapped module reduces the tensor
+to per-item vectors inside the hook, every requested pooling from the one tensor (pooling.py), so full
+hidden states never pile up; extraction writes each batch and then marks its items done,
 so an interrupted run resumes where it stopped.
 """
 

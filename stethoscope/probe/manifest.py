@@ -27,7 +27,11 @@ from stethoscope.probe.errors import ProbeDataError
 
 @dataclass
 class ProbeItem:
-    """One item handed to a representation's preprocessing: its index, id, and raw inputs."""
+    """One item handed to a representation's preprocessing: its index, id, and raw inputs.
+
+    ``sample_rate`` is ``dataset.sample_rate`` on audio sets (``audio`` is resampled to it before
+    preprocessing sees the item), so a preprocessing step never has to be told the rate separately.
+    """
 
     index: int
     id: str

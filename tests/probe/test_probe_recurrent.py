@@ -259,3 +259,21 @@ def test_taps_on_a_fused_lstm_without_packing(tmp_path):
 
     with pytest.raises(ProbeLayerError, match=r"rnn \(LSTM\) has 2 layers, rnn.layers.0 to rnn.layers.1"):
         resolve_layers(net, ["rnn.layers.2"])
+
+
+def test_the_packed_lstm_example_builds_from_its_folder():
+    """examples/probe_lstm: the factory is found next to its config and its layers resolve."""
+    from stethoscope.probe.pipeline import build_adapter
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "probe_lstm" / "probe.yaml")
+    rep = cfg.representations[0]
+    adapter = build_adapter(rep, cfg)
+    layers = resolve_layers(adapter.module, rep.layers, rep.aliases)
+    assert layers["lstm_layer_01"] == "lstm.layers.1" and layers["h_n"] == "lstm:output[1][0]"
+    rng = np.random.default_rng(0)
+    items = [
+        ProbeItem(index=i, id=str(i), audio=rng.normal(size=2000 + 400 * i).astype(np.float32))
+        for i in range(3)
+    ]
+    inputs = adapter.preprocess(items)
+    assert isinstance(inputs.args[0], torch.nn.utils.rnn.PackedSequence)
