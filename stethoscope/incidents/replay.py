@@ -335,7 +335,7 @@ def render(result: ReplayResult, console: Any) -> None:
     loss = "not computed" if result.loss is None else f"{result.loss:.6g}"
     console.print(f"  loss: {loss} ({escape(result.loss_source)})", soft_wrap=True)
     if result.nonfinite_grads:
-        console.print(f"  non-finite gradients: {len(result.nonfinite_grads)} parameters (first: "
+        console.print(f"  non-finite gradients: {len(result.nonfinite_grads)} parameters (first in parameter order: "
                       f"{escape(result.nonfinite_grads[0])})", soft_wrap=True)
     elif result.grad_norms:
         top = ", ".join(f"{n} {v:.3g}" for n, v in result.grad_norms[:3])
