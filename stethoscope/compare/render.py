@@ -31,18 +31,18 @@ def print_models(result: Comparison, console: Any, title: str = "") -> None:
     first, origin = result.first, result.origin
     cells = []
     for r in result.layers():
-        mark = "FIRST" if r is first else ""
+        mark = "first" if r is first else ""
         if r is origin:
-            mark = "FIRST, ORIGIN" if mark else "ORIGIN"
+            mark = "first+origin" if mark else "origin"
         elif r.differs and not mark:
             mark = "differs"
-        cells.append([r.label, r.cls, r.shape, _e(r.rel), f"{r.severity():.2g}", _e(r.max_abs),
-                      f"{100 * r.share:.1f} %", _e(r.input_rel), mark])
+        cells.append([r.label, r.cls, _e(r.rel), f"{r.severity():.2g}", _e(r.max_abs), f"{100 * r.share:.1f} %",
+                      _e(r.input_rel), mark])
     console.print(fitted_table(
-        f"error growth, execution order (match: {result.match}; rel = ||b-a||/||a||; x tol = rel / "
-        f"({result.factor:g} x eps of the lower dtype))",
-        ["module", "class", "shape", "rel", "x tol", "max abs", "differ", "input rel", ""], cells, console.width,
-        right=(3, 4, 5, 6, 7)))
+        f"error growth, execution order (match: {result.match}; rel = ||b-a|| / ||a||; x tol = rel / "
+        f"({result.factor:g} x eps of the lower dtype); every module in .table() and --json)",
+        ["module", "class", "rel", "x tol", "max abs", "differ", "input rel", ""], cells, console.width,
+        right=(2, 3, 4, 5, 6)))
     if result.grads:
         bad = [g for g in result.grads if g.differs]
         console.print(f"gradients: {len(bad)} of {len(result.grads)} parameters differ"

@@ -52,7 +52,7 @@ def test_a_changed_module_is_printed_as_first_and_origin_with_json_and_plot(chec
     AutoTokenizer.from_pretrained(checkpoints["a"], local_files_only=True).save_pretrained(tmp_path / "b")
     code, out = run_cli(monkeypatch, capsys, console_text, "compare", checkpoints["a"], tmp_path / "b",
                         "--text", "Hello there.", "--plot", tmp_path / "growth.png")
-    assert code == 1 and "first divergence: transformer.h.0.ln_1" in out and "FIRST, ORIGIN" in out
+    assert code == 1 and "first divergence: transformer.h.0.ln_1" in out and "first+origin" in out
     assert (tmp_path / "growth.png").stat().st_size > 5000
     code, out = run_cli(monkeypatch, capsys, console_text, "compare", checkpoints["a"], tmp_path / "b",
                         "--text", "Hello there.", "--json")
