@@ -1,7 +1,9 @@
 """Finding a representation's ``factory``: on ``sys.path``, or next to the config, without PYTHONPATH.
 
-``factory: "my_encoders:make"`` imports ``my_encoders`` from ``sys.path`` first, then from the config's
-folder; ``factory: "models/encoders.py:make"`` loads that file (relative to the config's folder). While the
+``factory: "my_encoders:make"`` loads ``my_encoders.py`` from the config's folder when it is there (by its
+path, so a namesake imported earlier from elsewhere is not reused), else imports ``my_encoders`` (a module or
+package) from ``sys.path``, then from the config's folder; ``factory: "models/encoders.py:make"`` loads that
+file (relative to the config's folder). While the
 module is imported and the factory runs, its folder is on ``sys.path``, so it can import its siblings.
 """
 
@@ -42,6 +44,8 @@ def _is_file_spec(module: str) -> bool:
 def factory_folder(spec: str, base_dir: Path | None) -> Path | None:
     """The folder to put on ``sys.path`` while the factory module loads and runs (None: none needed)."""
     module = spec.rsplit(":", 1)[0]
+    if "." not in module and base_dir is not None and (Path(base_dir) / f"{module}.py").is_file():
+        return Path(base_dir).resolve()
     if _is_file_spec(module):
         path = Path(module).expanduser()
         return (path if path.is_absolute() else Path(base_dir or Path.cwd()) / path).resolve().parent
@@ -64,6 +68,8 @@ def import_factory(spec: str, base_dir: Path | None = None) -> Callable[..., Any
         )
     module, fn_name = spec.rsplit(":", 1)
     base = Path(base_dir) if base_dir is not None else None
+    if "." not in module and base is not None and (base / f"{module}.py").is_file():
+        module = f"{module}.py"  # a module file next to the config: that one, not a namesake imported before
     if _is_file_spec(module):
         path = Path(module).expanduser()
         path = (path if path.is_absolute() else (base or Path.cwd()) / path).resolve()

@@ -261,9 +261,13 @@ def test_taps_on_a_fused_lstm_without_packing(tmp_path):
         resolve_layers(net, ["rnn.layers.2"])
 
 
-def test_the_packed_lstm_example_builds_from_its_folder():
-    """examples/probe_lstm: the factory is found next to its config and its layers resolve."""
+def test_the_packed_lstm_example_builds_from_its_folder(monkeypatch):
+    """examples/probe_lstm: the factory is found next to its config, not the fixture's namesake."""
+    import sys
+
     from stethoscope.probe.pipeline import build_adapter
+
+    monkeypatch.delitem(sys.modules, "speaker_encoder", raising=False)  # the fixture's, a different class
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "probe_lstm" / "probe.yaml")
     rep = cfg.representations[0]
@@ -277,3 +281,4 @@ def test_the_packed_lstm_example_builds_from_its_folder():
     ]
     inputs = adapter.preprocess(items)
     assert isinstance(inputs.args[0], torch.nn.utils.rnn.PackedSequence)
+    assert adapter.module.lstm.hidden_size == 64  # the example's encoder
