@@ -254,6 +254,28 @@ class DistributedConfig(StrictModel):
     )
 
 
+class PerfConfig(StrictModel):
+    """The step-time breakdown and straggler detection (docs/perf.md, docs/distributed.md)."""
+
+    enabled: bool = Field(True, description="time each step's phases (a few clock reads per step, no sync)")
+    every: int = Field(10, ge=1, description="one kind: perf metrics row per this many steps (their mean)")
+    window: int = Field(50, ge=8, description="steps over which the phase findings are judged")
+    publish_every: int = Field(
+        10, ge=1, description="judge (and publish rank{N}/perf.json when distributed) every this many steps"
+    )
+    persist: int = Field(3, ge=1, description="judgments in a row a rank must be slow before dist.straggler")
+    straggler_min_share: float = Field(
+        0.10, ge=0.0, description="a straggler's extra time must also be this share of the median step"
+    )
+    min_wait_ms: float = Field(
+        5.0, ge=0.0, description="perf.input_bound needs a median data wait of at least this many ms"
+    )
+    min_monitor_ms: float = Field(
+        0.5, ge=0.0, description="perf.monitor_overhead needs at least this many ms per step of monitor time"
+    )
+    device_events: bool = Field(True, description="CUDA events at the phase moments when the model is on CUDA")
+
+
 class Config(StrictRootModel):
     """The whole monitor configuration. ``Config()`` is the documented default."""
 
@@ -272,6 +294,7 @@ class Config(StrictRootModel):
     tensorboard: TensorBoardConfig = Field(default_factory=TensorBoardConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     incidents: IncidentsConfig = Field(default_factory=IncidentsConfig)
+    perf: PerfConfig = Field(default_factory=PerfConfig)
     stop_on: Literal["critical"] | None = None
 
     @field_validator("stop_on", mode="before")

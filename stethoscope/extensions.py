@@ -29,6 +29,7 @@ BUILTIN_EXTENSIONS: tuple[str, ...] = (
     "stethoscope.distributed.extension",
     "stethoscope.coverage",
     "stethoscope.incidents.extension",
+    "stethoscope.perf.extension",  # last: its step stamps then follow every other extension's work
 )
 
 

@@ -13,7 +13,7 @@ import time
 class Heartbeat:
     """Current step, module call stack (outermost first), and the time of the last stamp."""
 
-    __slots__ = ("completed", "in_step", "paused", "stack", "stamp", "step", "step_started")
+    __slots__ = ("completed", "in_step", "paused", "phase", "stack", "stamp", "step", "step_started")
 
     def __init__(self) -> None:
         self.step: int | None = None
@@ -23,6 +23,7 @@ class Heartbeat:
         self.stamp = time.monotonic()
         self.step_started = self.stamp
         self.completed: set[str] = set()  # modules that have finished at least one call
+        self.phase: str | None = None  # data / forward / backward / optimizer / other, set by stethoscope.perf
 
     def enter(self, name: str) -> None:
         self.stack.append(name)
@@ -46,4 +47,5 @@ class Heartbeat:
             "stack": list(self.stack),
             "stamp": self.stamp,
             "step_started": self.step_started,
+            "phase": self.phase,
         }

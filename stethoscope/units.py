@@ -43,6 +43,9 @@ UNITS: dict[str, str] = {
     "memory.oom": "MiB",  # the allocation that failed
     "hang.stall": "s",
     "monitor.storage": "MB",
+    "perf.input_bound": PERCENT,  # share of the wall clock spent waiting for the next batch
+    "perf.monitor_overhead": PERCENT,  # share of the wall clock spent in stethoscope
+    "dist.straggler": TIMES,  # a phase's median / the median rank's
     "preflight.init_scale": TIMES,  # weight std / 1/sqrt(fan_in)
     "preflight.param_missing": "parameters",
     "preflight.param_duplicate": "parameters",

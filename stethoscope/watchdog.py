@@ -398,6 +398,7 @@ class Watchdog:
         data = {
             "stack": [_label(n) for n in snap["stack"]],
             "in_step": snap["in_step"],
+            "phase": snap.get("phase") if snap["in_step"] else None,
             "first_call": first_call,
             "classification": cls.kind,
             "reason": cls.reason,
@@ -436,9 +437,12 @@ class Watchdog:
             return None
 
     def _where(self, snap: dict) -> str:
+        phase = f" ({snap['phase']})" if snap.get("phase") and snap["in_step"] else ""  # stethoscope.perf's
         if snap["stack"]:
-            return f"inside {' > '.join(_label(n) for n in snap['stack'])}"
+            return f"inside {' > '.join(_label(n) for n in snap['stack'])}{phase}"
         if snap["in_step"]:
+            if phase:
+                return f"in step {snap['step']} outside any module, in its {snap['phase']} phase"
             return f"in step {snap['step']} outside any module (backward, optimizer step or loop body)"
         return f"between steps (after step {snap['step']})"
 

@@ -64,6 +64,23 @@ def activity_of(frames: list[tuple[str, int, str]]) -> tuple[str, str]:
     return cls.kind, cls.frame
 
 
+def collective_of(activity: str | None, frame: str | None) -> str | None:
+    """What a waiting rank waits in: DDP's gradient all-reduce (run by the autograd engine in C++, so Python
+    shows only ``backward``), or the ``torch.distributed`` function its innermost frame is in."""
+    if activity == BACKWARD:
+        return "the gradient all-reduce inside backward"
+    if activity == COLLECTIVE and frame:
+        name = frame.rsplit(" in ", 1)[-1].strip()
+        return name or None
+    return None
+
+
+def _waits_in(entry: dict) -> str:
+    activity = str(entry.get("activity"))
+    what = entry.get("collective")
+    return f"{activity}: {what}" if what and what != activity else activity
+
+
 def _label(name: str) -> str:
     return name if name else "<model>"
 
@@ -106,6 +123,7 @@ class RankHeartbeats:
             "in_step": snap["in_step"],
             "paused": snap["paused"],
             "stack": snap["stack"],
+            "phase": snap.get("phase"),
             "last_move": now_wall - (now_mono - snap["stamp"]),
             "published": now_wall,
             "activity": activity,
@@ -168,6 +186,7 @@ class RankHeartbeats:
                 "stack": [_label(n) for n in beat.get("stack") or []],
                 "activity": beat.get("activity"),
                 "frame": beat.get("frame"),
+                "phase": beat.get("phase"),
                 "idle_seconds": round(idle, 3),
                 "pid": beat.get("pid"),
                 "host": beat.get("host"),
@@ -181,6 +200,7 @@ class RankHeartbeats:
                 silent.append(r)
             elif beat.get("activity") in WAITING_ACTIVITIES:
                 entry["state"] = "waiting"
+                entry["collective"] = collective_of(beat.get("activity"), beat.get("frame"))
                 waiting.append(r)
             elif idle >= stale_after or r == self.rank:
                 entry["state"] = "stuck"
@@ -204,7 +224,8 @@ class RankHeartbeats:
             e = ranks[str(r)]
             path = " > ".join(e.get("stack") or [])
             inside = f"inside {path}" if path else "outside any module"
-            return f"rank {r} is stuck {inside} ({e.get('activity')}, step {e.get('step')}, idle {e['idle_seconds']:.1f} s)"
+            phase = f"in its {e['phase']}, " if e.get("phase") else ""
+            return f"rank {r} is stuck {phase}{inside} ({e.get('activity')}, step {e.get('step')}, idle {e['idle_seconds']:.1f} s)"
 
         parts: list[str] = []
         me = ranks.get(str(self.rank), {})
@@ -218,7 +239,7 @@ class RankHeartbeats:
         if others_waiting and self.rank in stuck:
             parts.append(f"rank{'s' if len(others_waiting) > 1 else ''} "
                          f"{', '.join(map(str, others_waiting))} wait{'' if len(others_waiting) > 1 else 's'} "
-                         f"for it (in {', '.join(sorted({str(ranks[str(r)].get('activity')) for r in others_waiting}))})")
+                         f"for it (in {', '.join(sorted({_waits_in(ranks[str(r)]) for r in others_waiting}))})")
         elif others_waiting:
             parts.append(f"waiting: rank{'s' if len(others_waiting) > 1 else ''} {', '.join(map(str, others_waiting))}")
         for r in silent:
@@ -237,7 +258,9 @@ class RankHeartbeats:
                 f"  rank {r}: {e.get('state')}"
                 + (f" — {e['reason']}" if e.get("reason") else "")
                 + (f"; step {e.get('step')}, idle {e.get('idle_seconds', 0):.1f} s, {e.get('activity')}, "
-                   f"module path: {path}" if "idle_seconds" in e else "")
+                   + (f"phase: {e['phase']}, " if e.get("phase") else "")
+                   + (f"waiting in: {e['collective']}, " if e.get("collective") else "")
+                   + f"module path: {path}" if "idle_seconds" in e else "")
             )
             if e.get("frame"):
                 lines.append(f"      {e['frame']}")

@@ -7,6 +7,8 @@ gone every property reads ``None`` / ``False`` and every method does nothing.
 What it offers:
 
 * facts: ``config``, ``run_dir``, ``rank`` / ``world_size``, ``schedule``, the ``heartbeat``;
+* the step boundary moments ``step_entered_at`` / ``step_ending_at`` (``perf_counter`` seconds, before the
+  monitor's own work there), for the step-time breakdown;
 * the model, optimizer and scaler (``None`` after ``close()``), the current ``step`` / ``last_step`` /
   ``epoch``, whether this moment is ``sampling`` (a sampled step, not paused);
 * ``guard`` / ``record_error``: an exception in a feature becomes one ``monitor.error`` finding;
@@ -101,6 +103,20 @@ class RunContext:
     def epoch(self) -> int | None:
         mon = self._monitor()
         return mon._epoch if mon is not None else None
+
+    @property
+    def step_entered_at(self) -> float | None:
+        """``time.perf_counter()`` when ``begin_step`` was last called, before the monitor's own work there
+        (the previous step's flush): the step-time breakdown tells the monitor's time from the data wait."""
+        mon = self._monitor()
+        return getattr(mon, "_entered_at", None) if mon is not None else None
+
+    @property
+    def step_ending_at(self) -> float | None:
+        """``time.perf_counter()`` when the open or last step's block ended, before the monitor's end-of-step
+        work."""
+        mon = self._monitor()
+        return getattr(mon, "_ending_at", None) if mon is not None else None
 
     @property
     def closed(self) -> bool:

@@ -237,6 +237,7 @@ class Monitor:
         """
         if self.disabled:
             return
+        self._entered_at = time.perf_counter()  # the step-time breakdown's boundary (RunContext.step_entered_at)
         if self._closed:
             raise MonitorClosedError("Monitor.step() was called after close(); create a new Monitor")
         if self._step is not None:
@@ -273,7 +274,7 @@ class Monitor:
             self._errors(f"extension {ext.name}", ext.begin_step, step, self._sampled)
 
     def _end_step(self, failed: BaseException | None) -> None:
-        step = self._step
+        step, self._ending_at = self._step, time.perf_counter()
         try:
             missing = self._gradients.end_step()
             self._forward.end_step()

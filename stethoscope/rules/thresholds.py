@@ -48,6 +48,9 @@ DOCUMENTED_CODES = (
     "memory.oom",
     "hang.stall",
     "monitor.error",
+    "perf.input_bound",
+    "perf.monitor_overhead",
+    "dist.straggler",
 )
 
 
