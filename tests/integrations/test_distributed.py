@@ -69,8 +69,8 @@ def test_merged_run_names_the_stuck_rank_and_the_waiting_one(ddp_run):
     # rank 1: stuck inside the module `block`, in user code; rank 0 waits for it
     assert stuck.target == "block" and stuck.data["classification"] == "user code"
     assert stuck.data["stuck_ranks"] == [1] and stuck.data["waiting_ranks"] == [0]
-    assert "rank 1 is stuck inside <model> > block" in stuck.message
-    assert "rank 0 waits for it (in backward)" in stuck.message
+    assert "rank 1 is stuck in its forward, inside <model> > block" in stuck.message
+    assert "rank 0 waits for it (in backward: the gradient all-reduce inside backward)" in stuck.message
     # rank 0: in backward (DDP's all-reduce runs in C++), classified as waiting for rank 1
     assert waiting.data["classification"] == "collective"
     assert waiting.data["ranks"]["0"]["activity"] == BACKWARD
