@@ -107,7 +107,8 @@ def findings(
     _print_problems(run)
     if as_json:
         out = {"run_dir": str(run.path), "status": run.status, "verdict": run.verdict,
-               "incidents": [i.as_dict() for i in run.incidents],
+               "incidents": [{**i.as_dict(), "replay": (run.capture_of(i.root) or {}).get("folder")}
+                             for i in run.incidents],
                "findings": [f.as_dict() for f in run.findings]}
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
@@ -120,7 +121,7 @@ def findings(
         content = build(run, findings_only=True)
         console.print(f"verdict: {escape(content.verdict_line)}", soft_wrap=True)  # the report's own words
         if run.findings:
-            print_incidents(content, console)
+            print_incidents(content, console, run_dir=str(run.path))
         else:
             console.print("no findings")
     if fail_on is not None:

@@ -225,10 +225,11 @@ class IncidentsConfig(StrictModel):
     went non-finite or spiked, saved to ``incidents/step-<N>/`` for ``stethoscope replay``."""
 
     enabled: bool = Field(True, description="keep references to each step's forward inputs; save them on an incident")
-    weights: Literal["before_step", "after_step", "off"] = Field(
-        "before_step", description="before_step = read the total gradient norm at the optimizer's step pre-hook and "
-        "copy the weights to the CPU when it is non-finite or spikes; after_step = save them as they are at the "
-        "step's end; off = no weights"
+    weights: Literal["auto", "before_step", "after_step", "off"] = Field(
+        "auto", description="before_step = read the total gradient norm at the optimizer's step pre-hook and "
+        "copy the weights to the CPU when it is non-finite or spikes (on an accelerator, one host sync per "
+        "optimizer step); after_step = save them as they are at the step's end; auto = before_step where that "
+        "read costs no transfer (weights in host memory), after_step on an accelerator; off = no weights"
     )
     spikes: bool = Field(True, description="loss and gradient-norm spikes open incidents too, not only NaN/Inf")
     max_batch_mb: float = Field(

@@ -241,6 +241,7 @@ class Run:
         self.findings: list[Finding] = fold_findings(self.events)
         self.incidents: list[Incident] = incidents_of(self.findings)
         self._metrics: pd.DataFrame | None = None
+        self._captures: list[dict] | None = None
         self._check_complete(merged)
 
     # ------------------------------------------------------------------ damage
@@ -298,6 +299,34 @@ class Run:
             self._metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
                 columns=["schema_version", "step", "kind", "name"])
         return self._metrics
+
+    @property
+    def captures(self) -> list[dict]:
+        """The incident folders saved for replay (``incidents/<id>/manifest.json``, docs/replay.md), by step;
+        each manifest gains ``folder``, its path relative to the run directory."""
+        if self._captures is None:
+            out = []
+            for d in self._dirs:
+                for path in sorted((d / "incidents").glob("*/manifest.json")):
+                    manifest = rd.read_json(path)
+                    if not isinstance(manifest, dict):
+                        self._problem(f"{path}: unreadable, so that incident cannot be replayed")
+                        continue
+                    manifest["folder"] = path.parent.relative_to(self.path).as_posix()
+                    out.append(manifest)
+            out.sort(key=lambda m: m.get("step") if isinstance(m.get("step"), int) else -1)
+            self._captures = out
+        return self._captures
+
+    def capture_of(self, finding: Finding) -> dict | None:
+        """The saved folder an incident can be replayed from: the one whose manifest lists ``finding`` (its
+        root), else the one saved at the step it opened."""
+        for m in self.captures:
+            if any(isinstance(f, dict) and f.get("id") == finding.id for f in m.get("findings", [])):
+                return m
+        if finding.first_step is None:
+            return None
+        return next((m for m in self.captures if m.get("step") == finding.first_step), None)
 
     def metrics_of(self, kind: str) -> pd.DataFrame:
         """Rows of one kind (act, input, grad, update, scalar, attn, memory, marker), empty columns dropped."""

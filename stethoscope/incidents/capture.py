@@ -65,6 +65,7 @@ class StepInputs:
     weights: dict | None = None  # state_dict on the CPU, taken before the optimizer's step
     grad_norm: float | None = None  # the total gradient norm read at the optimizer's step pre-hook
     grad_spike: bool = False  # that norm was non-finite or far above its running median
+    stepped: bool = False  # the optimizer's step ran inside this step
 
 
 # ---------------------------------------------------------------------- RNG

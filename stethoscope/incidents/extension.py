@@ -5,9 +5,11 @@ references (see :mod:`stethoscope.incidents.capture`):
 
 * a forward pre-hook on the root model keeps each call's ``args`` / ``kwargs`` and the RNG states just before
   it (a few KiB copied on the host; no device work, no copy of the batch);
-* with ``incidents.weights: before_step``, a step pre-hook on the optimizer reads the total gradient norm
-  (one device-to-host read per optimizer step) and, when it is non-finite or spikes, copies the weights to
-  the CPU *before* the optimizer changes them — the weights the failing forward used;
+* with ``incidents.weights: before_step`` (and ``auto`` where the gradients live in host memory), a step
+  pre-hook on the optimizer reads the total gradient norm (on an accelerator, one device-to-host read per
+  optimizer step: ``auto`` skips it there) and, when it is non-finite or spikes, copies the weights to the
+  CPU *before* the optimizer changes them — the weights the failing forward used; the same hook notes that
+  the optimizer stepped, so a step whose update the loop skipped saves its weights as the forward's;
 * with a watched loader (:meth:`IncidentExtension.watch_loader`; the Hugging Face callback watches the
   Trainer's), the dataset indices of each batch.
 
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from stethoscope import rundir as rd
+from stethoscope import stats
 from stethoscope.extensions import Extension
 from stethoscope.hooks import is_compiling
 from stethoscope.incidents import capture as cap
@@ -78,8 +81,9 @@ class IncidentExtension(Extension):
         self._last_trouble: int | None = None
         self._current: dict | None = None  # the manifest of the episode now open
         self._hooks.forward_pre(model, self._on_forward, with_kwargs=True)
+        self._steps_inside = False  # an optimizer step was seen inside a monitored step: a missing one means skipped
         optimizer = run.optimizer
-        if optimizer is not None and self.cfg.weights == "before_step":
+        if optimizer is not None and self.cfg.weights != "off":
             self._hooks.step_pre(optimizer, self._before_update)
 
     # ------------------------------------------------------------------ public
@@ -131,9 +135,14 @@ class IncidentExtension(Extension):
         cur = self._steps.get(run.step) if run.step is not None else None
         if cur is None or is_compiling():
             return
+        cur.stepped = self._steps_inside = True
+        if self.cfg.weights == "after_step":
+            return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
+        if self.cfg.weights == "auto" and not stats.reads_host(grads[0].device):
+            return  # on an accelerator the read would wait for the device every step: after_step instead
         norm = float(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))  # the one host read
         cur.grad_norm = norm
         cur.grad_spike = self._grad_spikes.check(norm)  # non-finite counts too
@@ -272,11 +281,17 @@ class IncidentExtension(Extension):
         if record.scaler_skipped:
             when, note = "unchanged_by_step", ("the GradScaler skipped this step's optimizer step, so these are "
                                                "the weights the failing forward used")
+        elif self._steps_inside and cur is not None and not cur.stepped:
+            when, note = "unchanged_by_step", ("the optimizer did not step in this step (the loop skipped the "
+                                               "update), so these are the weights the failing forward used")
         elif self._run.optimizer is None:
             when, note = "after_step", "no optimizer was given to the monitor: the weights as they were at the " \
                                        "step's end (your loop may have updated them after the forward)"
         else:
             reason = ("incidents.weights is after_step" if mode == "after_step" else
+                      "incidents.weights is auto and the gradients live on an accelerator, where reading their "
+                      "norm before every update would wait for the device" if mode == "auto" and cur is not None
+                      and cur.grad_norm is None else
                       "the gradients the optimizer applied looked healthy (finite, no spike), so no copy was "
                       "taken before the update")
             when, note = "after_optimizer_step", (

@@ -75,9 +75,11 @@ def finding_rows(run: Run) -> list[FindingRow]:
     worst first, each root followed by its consequences."""
     rows = []
     for number, incident in enumerate(run.incidents, start=1):
+        saved = run.capture_of(incident.root) or {}
         for f in incident.findings:
             link = f.data.get("caused_by") if isinstance(f.data.get("caused_by"), dict) else {}
             members = len(f.members)
+            root = f is incident.root
             rows.append(
                 FindingRow(
                     severity=f.severity,
@@ -95,9 +97,24 @@ def finding_rows(run: Run) -> list[FindingRow]:
                     consequence=f is not incident.root,
                     reason=link.get("reason", "") if f is not incident.root else "",
                     members=members,
+                    replay=saved.get("folder", "") if root else "",
+                    replay_weights=_weights_words(saved) if root else "",
                 )
             )
     return rows
+
+
+_WEIGHTS_WORDS = {
+    "before_optimizer_step": "the weights the failing forward used",
+    "unchanged_by_step": "the weights the failing forward used (its update was skipped)",
+    "after_step": "the weights at the step's end",
+    "after_optimizer_step": "the weights one update later",
+}
+
+
+def _weights_words(manifest: dict) -> str:
+    weights = manifest.get("weights") if isinstance(manifest.get("weights"), dict) else {}
+    return _WEIGHTS_WORDS.get(weights.get("when"), "") if weights.get("file") else ""
 
 
 def _target(target: str | None) -> str:

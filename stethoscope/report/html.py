@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from stethoscope.report.model import FindingRow, Plot, ReportContent, Section, Table
+from stethoscope.report.model import FindingRow, Plot, ReportContent, Section, Table, replay_line
 from stethoscope.report.plots import Image
 
 _CSS = """
@@ -139,6 +139,7 @@ def _finding_card(f: FindingRow, i: int, prefix: str) -> str:
         f"<p>{_inline(f.message)}</p>"
         f'<p class="note">value {escape(f.value)} vs threshold {escape(f.threshold)}; {escape(f.when)}</p>'
         + (f'<p class="hint"><b>What usually fixes it:</b> {_inline(f.hint)}</p>' if f.hint else "")
+        + (f'<p class="note">{_inline(replay_line(f))}</p>' if f.replay else "")
         + "</div>"
     )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stethoscope.report.model import Plot, ReportContent, Section, Table
+from stethoscope.report.model import Plot, ReportContent, Section, Table, replay_line
 from stethoscope.report.plots import Image
 
 FILES_DIR = "report_files"
@@ -86,6 +86,8 @@ def render_markdown_content(content: ReportContent, images: dict | None = None) 
                       root.message, "", f"Value {root.value} against the threshold {root.threshold}; {root.when}.", ""]
             if root.hint:
                 lines += [f"*What usually fixes it:* {root.hint}", ""]
+            if root.replay:
+                lines += [replay_line(root), ""]
             if consequences:
                 n = len(consequences)
                 lines += [f"**{n} finding{'s' if n != 1 else ''} follow{'s' if n == 1 else ''} from it** "

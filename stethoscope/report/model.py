@@ -119,6 +119,17 @@ class FindingRow:
     consequence: bool = False  # it opened as a consequence of its incident's root
     reason: str = ""  # why it is a consequence (``data.caused_by.reason``)
     members: int = 0  # targets an aggregated finding stands for (0: one target)
+    replay: str = ""  # for a root: the incident folder saved for `stethoscope replay` (relative to the run)
+    replay_weights: str = ""  # which weights that folder holds, in words ("" when none were saved)
+
+
+def replay_line(row: FindingRow, run_dir: str = "RUN_DIR") -> str:
+    """How to rerun an incident's step from its saved folder ("" when none was saved): the command first."""
+    if not row.replay:
+        return ""
+    saved = "the batch, the RNG states" + (f" and {row.replay_weights}" if row.replay_weights else "")
+    return (f"Replay it: `stethoscope replay {run_dir}/{row.replay} --factory pkg.mod:fn` — saved there: {saved}; "
+            "the factory builds your model (docs/replay.md).")
 
 
 TABLE_CONSEQUENCES = 3  # consequences listed under their root in a findings table (the rest counted)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from stethoscope.console import SEVERITY_STYLE, get_console
 from stethoscope.report.content import build
-from stethoscope.report.model import ReportContent
+from stethoscope.report.model import ReportContent, replay_line
 from stethoscope.run import Run, load_run
 
 VERDICT_STYLE = {"healthy": "bold green", "warning": "bold yellow", "critical": "bold red"}
@@ -53,9 +53,10 @@ def findings_table(run: Run, title: str | None = None, width: int | None = None)
     return table
 
 
-def print_incidents(content: ReportContent, console: Console, max_consequences: int = 5) -> None:
+def print_incidents(content: ReportContent, console: Console, max_consequences: int = 5,
+                    run_dir: str = "RUN_DIR") -> None:
     """Each incident as a block: the root (code, target, value vs threshold, when), its one-sentence message
-    and hint, then its consequences folded to one line each."""
+    and hint, how to replay it when its step was saved, then its consequences folded to one line each."""
     for root, consequences in content.by_incident():
         style = SEVERITY_STYLE.get(root.severity, "")
         console.print(
@@ -67,6 +68,8 @@ def print_incidents(content: ReportContent, console: Console, max_consequences: 
             console.print(f"  {escape(root.message)}", soft_wrap=True)
         if root.hint:
             console.print(f"  [bold]fix:[/] {escape(root.hint)}", soft_wrap=True)
+        if root.replay:
+            console.print(f"  {escape(replay_line(root, run_dir))}", soft_wrap=True)
         if consequences:
             n = len(consequences)
             console.print(f"  + {n} finding{'s' if n != 1 else ''} follow{'s' if n == 1 else ''} from it "
@@ -88,7 +91,7 @@ def print_summary(run_dir: str | Path, console: Console | None = None) -> None:
     if content.cause:
         console.print(f"cause: {escape(content.cause)}", soft_wrap=True)
     if run.findings:
-        print_incidents(content, console)
+        print_incidents(content, console, run_dir=str(run.path))
     console.print(f"run directory: {escape(str(run.path))}", soft_wrap=True)
     for name in ("report.html", "report.md"):
         if (run.path / name).is_file():

@@ -245,3 +245,73 @@ def test_gpt2_kwargs_batch_replayed_from_a_checkpoint(tiny_gpt2, tmp_path):
     result = replay(folder, model_dir=tmp_path / "ckpt")
     assert result.origin == "transformer.h.1.mlp.c_fc"
     assert result.loss_source == "the model's own loss"
+
+
+# ---------------------------------------------------------------------------------------------- which weights
+def _skip_on_nan_loss(run_dir, **incidents) -> dict:
+    """The loop many users write: no optimizer step when the loss is not finite. Returns the manifest."""
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with st.Monitor(model, opt, run_dir=run_dir, config=_config(weights="after_step", **incidents)) as mon:
+        for step, (x, y, _) in enumerate(loader()):
+            if step >= K + 2:
+                break
+            with mon.step(step):
+                if step == K:
+                    inject_inf(model)
+                _, loss = model(x, y)
+                loss.backward()
+                if torch.isfinite(loss):
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            mon.log(loss=loss.detach())
+    return json.loads((run_dir / "incidents" / f"step-{K}" / "manifest.json").read_text())
+
+
+def test_a_skipped_update_saves_the_forwards_weights_and_says_so(tmp_path):
+    manifest = _skip_on_nan_loss(tmp_path / "run")
+    assert manifest["weights"]["when"] == "unchanged_by_step"
+    assert "did not step" in manifest["weights"]["note"]
+    saved = torch.load(tmp_path / "run" / "incidents" / f"step-{K}" / "weights.pt", weights_only=True)
+    assert torch.isinf(saved[f"{INJECTED}.weight"]).any()  # the injected +inf, not an update's NaN
+    assert not any(torch.isnan(t).any() for t in saved.values())
+
+
+def test_auto_reads_no_gradient_norm_where_it_would_wait_for_a_device(tmp_path, monkeypatch):
+    """``auto`` on an accelerator (the CPU road stands in for it): no host read at the optimizer's step, so the
+    weights are the step's end, said to be after the update."""
+    from stethoscope import stats
+
+    monkeypatch.setattr(stats, "reads_host", lambda device: False)
+    _train(tmp_path / "run", weights="auto")
+    manifest = json.loads((tmp_path / "run" / "incidents" / f"step-{K}" / "manifest.json").read_text())
+    assert manifest["grad_norm"] is None
+    assert manifest["weights"]["when"] == "after_optimizer_step"
+    assert "accelerator" in manifest["weights"]["note"]
+
+
+def test_auto_on_host_memory_copies_before_the_update(nan_run):
+    run_dir = nan_run[0]  # the default config: auto, on the CPU
+    manifest = json.loads((run_dir / "incidents" / f"step-{K}" / "manifest.json").read_text())
+    assert manifest["weights"]["when"] == "before_optimizer_step"
+
+
+# ---------------------------------------------------------------------------------------------- where users read
+def test_findings_and_report_say_how_to_replay_the_incident(nan_run, console_text, monkeypatch, capsys):
+    from stethoscope.report import build
+    from stethoscope.report.markdown import render_markdown_content
+
+    run_dir = nan_run[0]
+    run = st.load_run(run_dir)
+    root = run.incidents[0].root
+    assert run.capture_of(root)["folder"] == f"incidents/step-{K}"
+    monkeypatch.setattr(sys, "argv", ["stethoscope", "findings", str(run_dir)])
+    cli.main()
+    out = " ".join(console_text.getvalue().split())  # unwrapped
+    monkeypatch.setattr(sys, "argv", ["stethoscope", "findings", str(run_dir), "--json"])
+    cli.main()
+    assert json.loads(capsys.readouterr().out)["incidents"][0]["replay"] == f"incidents/step-{K}"
+    assert f"Replay it: `stethoscope replay {run_dir}/incidents/step-{K} --factory pkg.mod:fn`" in out
+    assert "the weights the failing forward used" in out
+    page = render_markdown_content(build(run))
+    assert f"stethoscope replay RUN_DIR/incidents/step-{K}" in page
