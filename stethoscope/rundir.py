@@ -67,7 +67,7 @@ def _default(value: Any) -> Any:
 
 # What a monitor writes into its run directory: what ``overwrite=True`` removes (and nothing else).
 RUN_FILES = (META, METRICS, FINDINGS, STATE, "profile.json", "report.html", "report.md")
-RUN_FOLDERS = ("report_files", "tensorboard")
+RUN_FOLDERS = ("report_files", "tensorboard", "incidents")
 RUN_PATTERNS = ("hang-*.txt", "crash-*.txt", "crash-*.jsonl", ".write-test-*", ".*.tmp")
 REUSE_HINT = ("pass overwrite=True to replace that run, resume=True to continue it, or choose a new folder "
               "(run_dir=None picks a fresh stethoscope-runs/run-<time>)")

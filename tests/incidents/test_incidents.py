@@ -315,3 +315,16 @@ def test_findings_and_report_say_how_to_replay_the_incident(nan_run, console_tex
     assert "the weights the failing forward used" in out
     page = render_markdown_content(build(run))
     assert f"stethoscope replay RUN_DIR/incidents/step-{K}" in page
+
+
+def test_overwrite_removes_an_earlier_runs_incidents(nan_run, tmp_path):
+    import shutil
+
+    path = tmp_path / "run"
+    shutil.copytree(nan_run[0], path)  # a run that left incidents/step-K
+    model = tiny_gpt()
+    with st.Monitor(model, run_dir=path, config=_config(), overwrite=True) as mon:
+        with mon.step(0):
+            model(*next(iter(loader()))[:2])[1].backward()
+    assert not (path / "incidents").exists()  # its replay hints would point at another run's batch
+    assert st.load_run(path).captures == []
