@@ -143,6 +143,35 @@ class MemoryConfig(StrictModel):
     input_shapes: bool = Field(True, description="remember the shapes of the model's inputs (for OOM context)")
 
 
+class LogitsConfig(StrictModel):
+    """The LM head's logit level: ``logits.divergence`` (see docs/findings.md#logitsdivergence)."""
+
+    enabled: bool = Field(True, description="summarise the LM head's logits on sampled steps")
+    modules: str | list[str] = Field(
+        "auto", description="the LM head: auto = the model's output embeddings (or a module named lm_head), else "
+        "name patterns"
+    )
+    max_rows: int = Field(64, ge=1, description="token positions per call whose logits are summarised (strided)")
+
+
+class MoEConfig(StrictModel):
+    """Mixture-of-experts routing health (see docs/moe.md)."""
+
+    enabled: bool = Field(True, description="watch the routers of mixture-of-experts layers on sampled steps")
+    modules: str | list[str] = Field(
+        "", description="patterns of extra gate modules returning router logits (and top-k indices); '' = none"
+    )
+    top_k: int = Field(2, ge=1, description="experts per token of a listed gate that has no top_k attribute")
+    window: int = Field(8, ge=1, description="sampled steps whose expert loads are summed before judging them")
+    capacity_factor: float = Field(
+        1.25, gt=0.0, description="expert capacity over the mean load (Switch's default), unless the model config "
+        "sets one"
+    )
+    min_tokens_per_expert: float = Field(
+        16.0, gt=0.0, description="mean routed tokens per expert the window needs before load findings are judged"
+    )
+
+
 class RecorderConfig(StrictModel):
     """The crash flight recorder (see docs/recorder.md): DEBUG events kept in memory, written on a crash."""
 
@@ -288,6 +317,8 @@ class Config(StrictRootModel):
     trace: TraceConfig = Field(default_factory=TraceConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    logits: LogitsConfig = Field(default_factory=LogitsConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
     recorder: RecorderConfig = Field(default_factory=RecorderConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)

@@ -25,6 +25,8 @@ BUILTIN_EXTENSIONS: tuple[str, ...] = (
     "stethoscope.memory.extension",
     "stethoscope.recorder.extension",
     "stethoscope.attention.extension",
+    "stethoscope.logits.extension",
+    "stethoscope.moe.extension",
     "stethoscope.sinks.tensorboard",
     "stethoscope.distributed.extension",
     "stethoscope.coverage",

@@ -34,6 +34,11 @@ UNITS: dict[str, str] = {
     "update.ratio": TIMES,  # ‖Δw‖ / ‖w‖
     "amp.skips": PERCENT,  # share of the last scaler steps that were skipped
     "amp.scale_collapse": TIMES,  # the loss scale (a multiplier); "falling" counts steps (see unit_of)
+    "logits.divergence": "nats",  # drift of the mean logit or log Z from the run's start
+    "moe.load_imbalance": TIMES,  # the busiest expert's load / the mean load
+    "moe.dead_expert": PERCENT,  # share of the layer's experts that received no token over the window
+    "moe.router_entropy": PERCENT,  # entropy of the mean routing distribution, 0 at log k, 1 at log(experts)
+    "moe.router_logits": "nats",  # RMS over tokens of the router's log Z (the ST-MoE router z-loss is its square)
     "attn.row_sum": "",  # |row sum - 1|: a probability, without unit
     "attn.causal_leak": PERCENT,  # share of a row's attention on future keys
     "attn.padding_leak": PERCENT,

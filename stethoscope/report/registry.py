@@ -35,6 +35,7 @@ SECTION_MODULES: tuple[str, ...] = (
     "stethoscope.report.sections.activations",
     "stethoscope.report.sections.updates",
     "stethoscope.attention.report",
+    "stethoscope.moe.report",
     "stethoscope.memory.report",
     "stethoscope.report.sections.timing",
 )

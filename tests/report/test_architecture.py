@@ -179,7 +179,7 @@ def test_sections_import_only_the_model_and_the_registry():
 
 def test_every_section_module_registers_a_section_in_page_order():
     names = [b.name for b in registry.section_builders()]
-    assert names[:9] == [
+    assert names[:10] == [
         "dumps",
         "preflight",
         "training",
@@ -187,6 +187,7 @@ def test_every_section_module_registers_a_section_in_page_order():
         "activations",
         "updates",
         "attention",
+        "moe",
         "memory",
         "timing",
     ]
