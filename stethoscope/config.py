@@ -124,6 +124,16 @@ class AttentionConfig(StrictModel):
     modules: str | list[str] = Field(
         "", description="patterns of plain modules whose output is (output, attention weights); '' = none"
     )
+    block_queries: int = Field(
+        128, ge=0, description="query rows per block when statistics are computed from q and k; 0 = all"
+    )
+    block_keys: int = Field(
+        1024, ge=0, description="keys per tile of the online softmax (memory: block_queries x block_keys); 0 = all"
+    )
+    logit_window: int = Field(8, ge=3, description="sampled steps over which a head's max logit must grow")
+    logit_growth: float = Field(
+        2.0, gt=1.0, description="factor a head's max logit must grow by over attention.logit_window"
+    )
 
 
 class MemoryConfig(StrictModel):

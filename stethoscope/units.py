@@ -44,6 +44,7 @@ UNITS: dict[str, str] = {
     "attn.padding_leak": PERCENT,
     "attn.sink": PERCENT,
     "attn.entropy_collapse": PERCENT,  # share of the layer's heads
+    "attn.logit_growth": "",  # the largest pre-softmax logit q·k·scaling: a logit, without unit
     "memory.leak": "MiB",  # growth over the window
     "memory.oom": "MiB",  # the allocation that failed
     "hang.stall": "s",

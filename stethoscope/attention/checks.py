@@ -49,7 +49,7 @@ SUM_COLUMNS = (
     "nonfinite_rows",
 )
 # ... and maximised.
-MAX_COLUMNS = ("row_sum_error", "causal_leak", "padding_mass")
+MAX_COLUMNS = ("row_sum_error", "causal_leak", "padding_mass", "max_logit")  # max_logit: NaN = not known
 COLUMNS = SUM_COLUMNS + MAX_COLUMNS
 WIDTH = len(COLUMNS)
 # After the nh x WIDTH block a row carries the token ids at the first and last allowed key of the first
@@ -224,7 +224,7 @@ def head_statistics(
         s_part, m_part, ids = _chunk_stats(p, allowed, call.causal, pad,
                                            input_ids[sl] if input_ids is not None else None)
         sums = s_part if sums is None else sums + s_part
-        maxes = m_part if maxes is None else torch.maximum(maxes, m_part)
+        maxes = m_part if maxes is None else torch.fmax(maxes, m_part)
         if first_ids is None:
             first_ids = ids
     return torch.cat([torch.cat([sums, maxes], dim=1).reshape(-1), first_ids])
@@ -285,7 +285,8 @@ def _chunk_stats(p, allowed, causal, pad, input_ids):
         ],
         dim=1,
     )  # (nh, len(SUM_COLUMNS))
-    maxes = torch.stack([err, leak, pad_max], dim=1).float()  # (nh, len(MAX_COLUMNS))
+    no_logits = torch.full((h,), float("nan"), device=device)  # probabilities carry no logits: filled by callers
+    maxes = torch.stack([err, leak, pad_max, no_logits], dim=1).float()  # (nh, len(MAX_COLUMNS))
     ids = torch.full((TAIL,), -1.0, device=device)
     if input_ids is not None and input_ids.shape[-1] == tk:
         row = allowed.expand(b, h, tq, tk)[0, 0, -1]  # the last query of the first sequence sees the most keys
@@ -327,6 +328,7 @@ def summarize(row, heads: int) -> list[dict]:
                 "row_sum_error": c["row_sum_error"],
                 "causal_leak": c["causal_leak"],
                 "padding_mass": c["padding_mass"],
+                "max_logit": c["max_logit"],
                 "nonfinite_rows": int(c["nonfinite_rows"]),
             }
         )

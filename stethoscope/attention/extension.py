@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from stethoscope.attention import capture as cap
+from stethoscope.attention.blocked import blocked_statistics, max_logits
 from stethoscope.attention.checks import (
+    COLUMNS,
     TAIL,
     WIDTH,
     head_statistics,
@@ -32,7 +34,7 @@ from stethoscope.attention.checks import (
     select_sequences,
     summarize,
 )
-from stethoscope.attention.rules import RULES, ModuleAttention, RowSum, Sink
+from stethoscope.attention.rules import RULES, LogitGrowth, ModuleAttention, RowSum, Sink
 from stethoscope.collector import Entry
 from stethoscope.extensions import Extension
 from stethoscope.hooks import is_compiling
@@ -41,7 +43,7 @@ from stethoscope.rundir import SCHEMA_VERSION
 
 _METRIC_KEYS = (
     "entropy", "entropy_norm", "sink_share", "sink_token", "one_hot_fraction", "row_sum_error", "causal_leak",
-    "padding_mass", "rows", "nonfinite_rows",
+    "padding_mass", "max_logit", "rows", "nonfinite_rows",
 )
 
 
@@ -135,6 +137,8 @@ class AttentionExtension(Extension):
                 rules.append(RowSum(ctx, cfg.row_sum_tol))
             elif cls is Sink:
                 rules.append(Sink(ctx, cfg.sink_share))
+            elif cls is LogitGrowth:
+                rules.append(LogitGrowth(ctx, cfg.logit_window, cfg.logit_growth))
             else:
                 rules.append(cls(ctx))
         return rules
@@ -214,7 +218,15 @@ class AttentionExtension(Extension):
         index = pick_sequences(batch, self._run.config.attention.max_sequences, padding)
         if index is not None:  # a bounded share of the batch: the cost stays flat as batches grow
             call, probs, padding, ids = select_sequences(call, probs, index, padding, ids)
-        row = head_statistics(call, probs, padding, ids)
+        cfg = self._run.config.attention
+        if probs is None:  # from queries and keys, one tile at a time: no (Tq, Tk) matrix per head
+            row = blocked_statistics(call, padding, ids, cfg.block_queries, cfg.block_keys)
+        else:
+            row = head_statistics(call, probs, padding, ids)
+            if call.query is not None and call.key is not None:  # returned weights: the logits from q and k
+                heads = (row.numel() - TAIL) // WIDTH
+                block = row[: heads * WIDTH].reshape(heads, WIDTH)  # a view: filled in place
+                block[:, COLUMNS.index("max_logit")] = max_logits(call, padding, cfg.block_queries, cfg.block_keys)
         heads = (row.numel() - TAIL) // WIDTH
         self.methods[call.name] = method
         self._causal[call.name] = call.causal

@@ -255,7 +255,83 @@ class Sink(AttentionRule):
         )
 
 
-RULES = (RowSum, CausalLeak, PaddingLeak, EntropyCollapse, Sink)
+class LogitGrowth(AttentionRule):
+    """A head's largest pre-softmax logit growing without bound: the attention-logit instability.
+
+    Wortsman et al. (2023) and Dehghani et al. (2023) see the max attention logit of some heads grow by orders
+    of magnitude before the loss diverges; the softmax of those heads is then one-hot and their gradient
+    vanishes. Judged per module over each head's ``max_logit`` (masked ``q·k·scaling``): a finding opens when a
+    head is at or above the warning level *and* its max logit grew by ``growth`` over the last ``window``
+    sampled steps (a high but steady logit, e.g. a sharp positional head, is not a growth). It stays open while
+    the head stays above the level, and closes below it.
+    """
+
+    code = "attn.logit_growth"
+    summary = "a head's largest pre-softmax attention logit grows without bound (attention-logit instability)"
+    thresholds: ClassVar[dict[str, Threshold]] = {"attn.logit_growth": Threshold(50.0, 1000.0)}
+
+    def __init__(self, ctx: RuleContext, window: int = 8, growth: float = 2.0):
+        super().__init__(ctx)
+        self.window = window
+        self.growth = growth
+        self._history: dict[tuple[str, int], list[float]] = {}  # (module, head) -> last `window` max logits
+
+    def growing(self, values: list[float]) -> bool:
+        """The last value is ``growth`` times the window's smallest, and the window's later half is above its
+        earlier half (a rise, not one outlier)."""
+        if len(values) < max(3, self.window // 2):
+            return False
+        half = len(values) // 2
+        early = sorted(values[:half])[(half - 1) // 2]  # lower medians: robust to one spike
+        late = sorted(values[half:])[(len(values) - half - 1) // 2]
+        low = min(values)
+        return values[-1] >= self.growth * max(low, 1e-6) and late > early
+
+    def check_module(self, step, m):
+        level = self.threshold(m.name).shown
+        rising, high = [], []
+        for h in m.heads:
+            v = h.get("max_logit")
+            if not _finite(v):
+                continue
+            hist = self._history.setdefault((m.name, h["head"]), [])
+            hist.append(float(v))
+            del hist[: -self.window]
+            if level is not None and v >= level:
+                high.append((float(v), h["head"]))
+                if self.growing(hist):
+                    rising.append(h["head"])
+        if not high:
+            values = [h["max_logit"] for h in m.heads if _finite(h.get("max_logit"))]
+            if values:
+                self.judge(m.name, max(values), step, message="", hint="")  # closes a finding that cleared
+            return
+        if not rising and not self.is_open(m.name):
+            return  # high but steady: a sharp head, not a growth
+        worst, head = max(high)
+        hist = self._history[(m.name, head)]
+        first, span = hist[0], len(hist) - 1
+        heads = sorted(set(rising) | {hh for _, hh in high}) if self.is_open(m.name) else rising
+        self.judge(
+            m.name, worst, step,
+            message=lambda: (
+                f"attention logits of {m.name} grow without bound: head {head}'s largest pre-softmax logit is "
+                f"{worst:.4g} (it was {first:.4g} {span} sampled steps earlier); heads {_heads(heads)} "
+                "are at a level where the softmax is one-hot. Wortsman et al. (2023) see this before the loss "
+                "diverges"
+            ),
+            hint=H.hint(self.code),
+            data={"heads": heads, "worst_head": head, "max_logit": worst, "method": m.method},
+        )
+
+    def state_dict(self) -> dict:
+        return {"history": [[name, head, vals] for (name, head), vals in self._history.items()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._history = {(name, int(head)): list(vals) for name, head, vals in state.get("history", [])}
+
+
+RULES = (RowSum, CausalLeak, PaddingLeak, EntropyCollapse, Sink, LogitGrowth)
 
 for _cls in RULES:  # config validation and `registered thresholds` know the keys without a monitor
     for _key, _th in _cls.thresholds.items():

@@ -62,9 +62,11 @@ PADDING_HINT = (
 
 
 def test_the_rules_and_their_registered_thresholds():
-    assert [c.__name__ for c in RULES] == ["RowSum", "CausalLeak", "PaddingLeak", "EntropyCollapse", "Sink"]
+    assert [c.__name__ for c in RULES] == ["RowSum", "CausalLeak", "PaddingLeak", "EntropyCollapse", "Sink",
+                                           "LogitGrowth"]
     assert [c.code for c in RULES] == [
-        "attn.row_sum", "attn.causal_leak", "attn.padding_leak", "attn.entropy_collapse", "attn.sink"]
+        "attn.row_sum", "attn.causal_leak", "attn.padding_leak", "attn.entropy_collapse", "attn.sink",
+        "attn.logit_growth"]
     assert [inv.code for inv in INVARIANTS] == ["attn.row_sum", "attn.causal_leak", "attn.padding_leak"]
     assert RowSum.thresholds == {"attn.row_sum": Threshold(1e-3, 1e-2)}
     assert CausalLeak.thresholds == {"attn.causal_leak": Threshold(1e-3, 1e-2)}

@@ -1,0 +1,253 @@
+"""The per-head attention statistics without the T×T matrix: query blocks × key tiles, online softmax.
+
+Why: recomputing the probabilities of one sequence of T tokens costs nh·T² floats (4 GiB at T = 8192 with
+16 heads), so long-context runs could not be checked. Here the scores exist one tile at a time,
+(B, nh, block_queries, block_keys), and every statistic is carried across key tiles with the online-softmax
+recurrence FlashAttention uses: a running maximum ``m`` per row, ``l = Σ exp(s - m)``, and every other sum
+kept relative to the same ``m`` and rescaled by ``exp(m_old - m_new)`` when the maximum moves. At the end of a
+row, with ``p_j = exp(s_j - m) / l``:
+
+* entropy ``-Σ p log p = log l - u / l`` with ``u = Σ exp(s - m) (s - m)``;
+* the largest probability is ``1 / l`` (the key at the maximum), so one-hot rows need no second pass;
+* the mass on future keys / padding keys is their ``Σ exp(s - m)`` over ``l``;
+* the first / last allowed key's probability comes from its score, remembered when the tile passes;
+* the row sum is ``l · (1 / l)``: 1 within rounding, NaN for rows whose scores were not finite (so the
+  ``nonfinite_rows`` count matches the full matrix's); a kernel's own row sums are only checked where the
+  weights are returned (eager).
+
+The row produced has exactly the layout of :func:`stethoscope.attention.checks.head_statistics` (the same
+columns, sums and maxima), so rows merge and summarise alike; ``max_logit`` is the largest masked score
+``q·k·scaling`` (softcap and position bias applied, as the softmax sees it) over the head's valid rows.
+Extra memory is O(B · nh · block_queries · block_keys), flat in T; all work stays on the tensors' device,
+with no host read.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stethoscope.attention.capture import AttentionCall
+from stethoscope.attention.checks import (
+    COLUMNS,
+    MASKED_BELOW,
+    ONE_HOT,
+    SINK_MIN_KEYS,
+    SUM_COLUMNS,
+    TAIL,
+    WIDTH,
+)
+
+BLOCK_QUERIES = 128  # query rows per block
+BLOCK_KEYS = 1024  # keys per tile: a tile of scores is (B, nh, 128, 1024) floats
+_NEG = float("-inf")
+
+
+def _mask_rows(mask: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
+    """A 4-D mask cut to the call's last ``tq`` query rows and first ``tk`` keys (rows may broadcast)."""
+    mask = mask[..., :tk]
+    return mask[..., -tq:, :] if mask.shape[-2] > tq else mask
+
+
+def _rows(t: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
+    return t[..., q0:q1, :] if t.shape[-2] != 1 else t
+
+
+def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tensor | None, tq: int, tk: int,
+                q0: int, q1: int, k0: int, k1: int, device: torch.device):
+    """(additive, blocked, allowed) for one tile.
+
+    ``additive``/``blocked``: the mask as the implementation applies it (what the softmax sees);
+    ``allowed``: the keys a query may see by the truth the invariants are checked against (the mask, never a
+    future key in a causal module, never padding) — as :func:`checks.allowed_keys` and
+    :func:`checks.masked_scores` define them, tile by tile.
+    """
+    i = torch.arange(q0, q1, device=device)[:, None]  # (Bq, 1) query positions
+    j = torch.arange(k0, k1, device=device)[None, :]  # (1, Bk) key positions
+    additive = blocked = None
+    if mask4 is not None:
+        m = _rows(mask4, q0, q1)[..., k0:k1].to(device)  # (B|1, nh|1, Bq|1, Bk)
+        if m.dtype == torch.bool:
+            blocked, allowed = ~m, m
+        else:
+            additive = m.float()
+            allowed = additive > MASKED_BELOW  # NaN blocks too
+            blocked = ~allowed
+    elif call.mask is None and call.implicit_causal and tq > 1:
+        blocked = j > i  # SDPA's is_causal: top-left aligned
+        allowed = torch.ones(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+    else:
+        allowed = torch.ones(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
+    if isinstance(call.mask, torch.Tensor) and call.mask.dim() == 2 and call.mask.shape[-1] >= tk:
+        allowed = call.mask[:, None, None, k0:k1].bool().to(device)  # a 2-D padding mask handed straight through
+    future = j > i + (tk - tq)  # (Bq, Bk) keys after the query
+    if call.causal:
+        allowed = allowed & ~future
+    if pad is not None:
+        allowed = allowed & ~pad[:, None, None, k0:k1]
+    return additive, blocked, allowed, future
+
+
+def blocked_statistics(
+    call: AttentionCall,
+    padding: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    block_queries: int = BLOCK_QUERIES,
+    block_keys: int = BLOCK_KEYS,
+) -> torch.Tensor:
+    """One float32 device row, nh x WIDTH per-head statistics then TAIL token ids, from queries and keys.
+
+    Args:
+        call: a captured call with ``query`` (B, nh, Tq, hs) and ``key`` (B, nkv, Tk, hs); its mask, scaling,
+            softcap, position bias and causality as :func:`checks.recompute` reads them.
+        padding: (B, Tk) bool, True at padding positions, or None.
+        input_ids: (B, Tk) token ids (to name a sink token), or None.
+        block_queries, block_keys: the tile; 0 = the whole length.
+    """
+    q_all = call.query.detach()  # (B, nh, Tq, hs)
+    k_all = call.key.detach()  # (B, nkv, Tk, hs)
+    b, h, tq, _ = q_all.shape
+    tk = k_all.shape[2]
+    n_rep = max(1, h // k_all.shape[1])
+    device = q_all.device
+    bq = block_queries if block_queries > 0 else max(tq, 1)
+    bk = block_keys if block_keys > 0 else max(tk, 1)
+    mask4 = _mask_rows(call.mask, tq, tk) if isinstance(call.mask, torch.Tensor) and call.mask.dim() == 4 else None
+    pad = padding.to(device) if padding is not None and padding.shape[-1] == tk else None
+    bias = call.position_bias.detach() if isinstance(call.position_bias, torch.Tensor) else None
+    if bias is not None:
+        bias = bias[..., -tq:, :tk] if bias.shape[-2] > tq else bias[..., :tk]
+    # keys past the diagonal are blocked by SDPA's is_causal and by the truth alike: their tiles are skipped
+    skip_future = mask4 is None and call.mask is None and call.implicit_causal and call.causal and tq == tk
+    f32 = torch.float32
+    zero = torch.zeros((), device=device)
+    sums = torch.zeros(h, len(SUM_COLUMNS), device=device)
+    maxes = torch.full((h, 4), _NEG, device=device)  # row_sum_error, causal_leak, padding_mass, max_logit
+    maxes[:, :3] = 0.0
+    ids = torch.full((TAIL,), -1.0, device=device)
+    sums[:, 0] = float(b)
+    for q0 in range(0, tq, bq):
+        q1 = min(tq, q0 + bq)
+        nq = q1 - q0
+        qb = q_all[:, :, q0:q1].float()  # (B, nh, Bq, hs)
+        shape = (b, h, nq)
+        m = torch.full(shape, _NEG, device=device)  # running max of the masked scores
+        l = torch.zeros(shape, device=device)  # Σ exp(s - m)  # noqa: E741
+        u = torch.zeros(shape, device=device)  # Σ exp(s - m) (s - m)
+        fut = torch.zeros(shape, device=device)  # Σ exp(s - m) on future keys
+        padm = torch.zeros(shape, device=device)  # Σ exp(s - m) on padding keys
+        n_allowed = torch.zeros(shape, device=device)
+        first = torch.full(shape, tk, dtype=torch.long, device=device)  # first allowed key (tk = none yet)
+        last = torch.full(shape, -1, dtype=torch.long, device=device)
+        s_first = torch.full(shape, _NEG, device=device)  # its masked score
+        s_last = torch.full(shape, _NEG, device=device)
+        arg = torch.zeros(shape, dtype=torch.long, device=device)  # key at the running max
+        k_end = min(tk, q1) if skip_future else tk
+        for k0 in range(0, k_end, bk):
+            k1 = min(k_end, k0 + bk)
+            kt = k_all[:, :, k0:k1].float()
+            if n_rep > 1:
+                kt = kt[:, :, None].expand(b, kt.shape[1], n_rep, k1 - k0, kt.shape[-1]).reshape(b, h, k1 - k0, -1)
+            s = torch.matmul(qb, kt.transpose(-1, -2)).mul_(call.scaling)  # (B, nh, Bq, Bk)
+            if call.softcap:
+                s = s.div_(call.softcap).tanh_().mul_(call.softcap)
+            if bias is not None:
+                s = s.add_(_rows(bias, q0, q1)[..., k0:k1].float())
+            additive, blocked, allowed, future = _tile_masks(call, mask4, pad, tq, tk, q0, q1, k0, k1, device)
+            if additive is not None:
+                s = s.add_(additive)
+            if blocked is not None:
+                s = s.masked_fill_(blocked, _NEG)
+            # --- the online softmax: move every sum to the new maximum
+            t_max, t_arg = s.max(-1)  # (B, nh, Bq)
+            new_m = torch.maximum(m, t_max)  # NaN propagates: such rows end NaN, counted as non-finite
+            safe = torch.where(new_m == _NEG, zero, new_m)  # rows with nothing seen yet keep 0
+            alpha = torch.exp(m - safe)  # 0 when m was -inf
+            shift = torch.where(l > 0, m - safe, zero)  # (m_old - m_new); 0 when nothing was summed
+            e = torch.exp(s - safe[..., None])  # (B, nh, Bq, Bk); 0 at blocked keys
+            u = alpha * (u + shift * l) + torch.special.xlogy(e, e).sum(-1)  # e log e = e (s - m)
+            l = alpha * l + e.sum(-1)  # noqa: E741
+            fut = alpha * fut + (e * future).sum(-1)
+            if pad is not None:
+                padm = alpha * padm + (e * pad[:, None, None, k0:k1]).sum(-1)
+            moved = t_max > m  # strictly: ties keep the earlier key, as argmax over the whole row does
+            arg = torch.where(moved, t_arg + k0, arg)
+            m = new_m
+            # --- what the truth allows: counts, first and last allowed key and their scores
+            n_allowed = n_allowed + allowed.sum(-1).expand(shape)
+            any_allowed = allowed.any(-1).expand(shape)
+            t_first = allowed.to(torch.uint8).argmax(-1).expand(shape)  # (B, nh, Bq) within the tile
+            t_last = (k1 - k0 - 1 - allowed.flip(-1).to(torch.uint8).argmax(-1)).expand(shape)
+            take_first = any_allowed & (first == tk)
+            first = torch.where(take_first, t_first + k0, first)
+            s_first = torch.where(take_first, s.gather(-1, t_first[..., None]).squeeze(-1), s_first)
+            last = torch.where(any_allowed, t_last + k0, last)
+            s_last = torch.where(any_allowed, s.gather(-1, t_last[..., None]).squeeze(-1), s_last)
+            if q1 == tq and k1 == k_end and input_ids is not None and input_ids.shape[-1] == tk:
+                # the last query of the first sequence sees the most keys: its first and last allowed key
+                fi = torch.where(first[0, 0, -1] == tk, 0, first[0, 0, -1])
+                li = torch.where(last[0, 0, -1] < 0, tk - 1, last[0, 0, -1])
+                ids = torch.stack([input_ids[0].to(device)[fi], input_ids[0].to(device)[li]]).to(f32)
+        # --- rows of this block, finished
+        inv = 1.0 / l
+        row_sum = l * inv  # 1 within rounding; NaN for non-finite scores or rows the mask blocks entirely
+        valid = n_allowed > 0
+        if pad is not None and tq == tk:
+            valid = valid & ~pad[:, None, q0:q1]  # a padding query's row is noise nobody reads
+        nan_row = torch.isnan(row_sum)
+        good = valid & ~nan_row
+        two = good & (n_allowed >= 2)
+        ent = torch.log(l) - u * inv  # (B, nh, Bq)
+        ent_norm = ent / torch.log(n_allowed.clamp_min(2))
+        safe_m = torch.where(m == _NEG, zero, m)
+        p_first = torch.exp(s_first - safe_m) * inv
+        p_last = torch.exp(s_last - safe_m) * inv
+        first_idx = torch.where(first == tk, 0, first)
+        last_idx = torch.where(last < 0, tk - 1, last)
+        sink_rows = good & (n_allowed >= SINK_MIN_KEYS)
+        on_sink = (arg == first_idx) | ((arg == last_idx) if not call.causal else torch.zeros_like(good))
+        sharp = two & (inv >= ONE_HOT)  # the largest probability is exp(m - m) / l
+        one_hot = sharp & ~on_sink
+        part = torch.stack(
+            [
+                torch.zeros(h, device=device),  # sequences: set once above
+                good.sum((0, 2)).to(f32),
+                torch.where(good, ent, zero).sum((0, 2)),
+                torch.where(two, ent_norm, zero).sum((0, 2)),
+                two.sum((0, 2)).to(f32),
+                sink_rows.sum((0, 2)).to(f32),
+                torch.where(sink_rows, p_first, zero).sum((0, 2)),
+                torch.where(sink_rows, p_last, zero).sum((0, 2)) if not call.causal else torch.zeros(h, device=device),
+                one_hot.sum((0, 2)).to(f32),
+                (sharp & on_sink).sum((0, 2)).to(f32),
+                (valid & nan_row).sum((0, 2)).to(f32),
+            ],
+            dim=1,
+        )  # (nh, len(SUM_COLUMNS))
+        sums += part
+        block_max = torch.stack(
+            [
+                torch.where(good, (row_sum - 1).abs(), zero).amax(dim=(0, 2)),
+                torch.where(good, (fut * inv).abs(), zero).amax(dim=(0, 2)) if call.causal
+                else torch.zeros(h, device=device),
+                torch.where(good, (padm * inv).abs(), zero).amax(dim=(0, 2)) if pad is not None
+                else torch.zeros(h, device=device),
+                torch.where(good, m, _NEG).amax(dim=(0, 2)),
+            ],
+            dim=1,
+        )  # (nh, 4)
+        maxes = torch.maximum(maxes, block_max)
+    # no valid row: the largest logit is unknown, not -inf
+    maxes[:, 3] = torch.where(maxes[:, 3] == _NEG, torch.full((), float("nan"), device=device), maxes[:, 3])
+    row = torch.cat([sums, maxes], dim=1)  # (nh, WIDTH)
+    return torch.cat([row.reshape(-1), ids])
+
+
+def max_logits(call: AttentionCall, padding: torch.Tensor | None = None, block_queries: int = BLOCK_QUERIES,
+               block_keys: int = BLOCK_KEYS) -> torch.Tensor:
+    """(nh,) float32 on the device: the largest masked score per head (NaN without a valid row).
+
+    For calls whose probabilities come from elsewhere (returned weights) but whose queries and keys are known.
+    """
+    row = blocked_statistics(call, padding, None, block_queries, block_keys)
+    h = call.query.shape[1]
+    return row[: h * WIDTH].reshape(h, WIDTH)[:, COLUMNS.index("max_logit")]
