@@ -209,7 +209,8 @@ def check(
 def replay(
     incident: Annotated[Path, typer.Argument(help="an incident folder: RUN_DIR/incidents/step-<N>")],
     model: Annotated[Path | None, typer.Option("--model", help="a local Hugging Face checkpoint folder")] = None,
-    factory: Annotated[str | None, typer.Option(help="pkg.mod:fn returning the model (or (model, loss_fn))")] = None,
+    factory: Annotated[str | None, typer.Option(help="pkg.mod:fn returning the model (or (model, loss_fn)); "
+                                                     "default: the run's incidents.factory")] = None,
     device: Annotated[str, typer.Option(help="where the replay runs (cpu, cuda)")] = "cpu",
     top: Annotated[int, typer.Option(help="largest activations and gradient norms shown")] = 5,
     out: Annotated[Path | None, typer.Option(help="folder for the replay's trace.jsonl")] = None,

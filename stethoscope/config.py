@@ -278,6 +278,13 @@ class IncidentsConfig(StrictModel):
     max_weights_mb: float = Field(2048.0, ge=0.0, description="weights larger than this are not saved")
     max_incidents: int = Field(5, ge=0, description="incident folders written per run at most")
     max_calls: int = Field(64, ge=1, description="forward calls of the model kept per step (gradient accumulation)")
+    factory: str = Field(
+        "", description="pkg.mod:fn that rebuilds your model, written into every incident's manifest so that "
+        "`stethoscope replay FOLDER` needs no --factory ('' = none)"
+    )
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments (plain JSON values) the replay passes to that factory"
+    )
 
 
 class DistributedConfig(StrictModel):

@@ -129,14 +129,17 @@ def _default_out(pathology: str) -> Path:
     return out
 
 
-def _monitor_config(config: Any, quiet: bool) -> Any:
-    """The user's monitor config, with ``console.quiet`` forced on when the demo is quiet."""
-    if not quiet:
-        return config
+def _monitor_config(config: Any, quiet: bool, replay: dict) -> Any:
+    """The user's monitor config, with ``console.quiet`` forced on when the demo is quiet, and the demo's own
+    model factory named for ``stethoscope replay`` unless the config names one (``replay``: its kwargs)."""
     from stethoscope.config import load_config
 
     cfg = load_config(config).model_copy(deep=True)
-    cfg.console.quiet = True
+    if quiet:
+        cfg.console.quiet = True
+    if not cfg.incidents.factory:
+        cfg.incidents.factory = "stethoscope.demo.replay:model"
+        cfg.incidents.factory_kwargs = replay
     return cfg
 
 
@@ -177,7 +180,8 @@ def run_demo(
     run_dir = Path(out) if out is not None else _default_out(path.name)
     console = get_console()
 
-    monitor = Monitor(model, optimizer=optimizer, run_dir=run_dir, config=_monitor_config(config, quiet),
+    replay = {"pathology": path.name, "seed": seed, "steps": steps}  # stethoscope.demo.replay:model's kwargs
+    monitor = Monitor(model, optimizer=optimizer, run_dir=run_dir, config=_monitor_config(config, quiet, replay),
                       overwrite=overwrite)
     if not quiet:
         console.print(

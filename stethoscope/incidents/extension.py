@@ -223,6 +223,7 @@ class IncidentExtension(Extension):
             "model": type(model).__name__ if model is not None else None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "learning_rates": _learning_rates(optimizer),
+            "factory": {"spec": self.cfg.factory, "kwargs": self.cfg.factory_kwargs} if self.cfg.factory else None,
         }
         if cur is not None and cur.calls:
             manifest["batch"] = cap.save_batch(cur.calls, folder, int(self.cfg.max_batch_mb * _MB))

@@ -16,7 +16,10 @@ a model or ``(model, loss_fn)``) or ``model_dir`` (a local Hugging Face checkpoi
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stethoscope.hooks import HookSet
 from stethoscope.incidents import capture as cap
 from stethoscope.incidents.capture import IncidentError
 
@@ -43,6 +47,7 @@ class Activation:
     mean: float
     std: float
     finite: bool
+    inputs_finite: bool = True  # every floating input of the call was finite
 
 
 @dataclass
@@ -116,17 +121,29 @@ def _from_checkpoint(model_dir: str | Path) -> nn.Module:
 
 
 def build_model(model: nn.Module | None, factory: str | Callable | None,
-                model_dir: str | Path | None) -> tuple[nn.Module, Callable | None, str]:
-    """(model, loss_fn or None, where it came from) from exactly one of the three sources."""
+                model_dir: str | Path | None, manifest: dict | None = None) -> tuple[nn.Module, Callable | None, str]:
+    """(model, loss_fn or None, where it came from) from exactly one of the three sources; without any, the
+    factory the run named (``incidents.factory``, saved in the ``manifest``) with its kwargs. A factory with a
+    ``manifest`` parameter gets the incident's manifest (to rebuild the model as it was at that step)."""
     given = [x is not None for x in (model, factory, model_dir)]
+    kwargs: dict = {}
+    saved = (manifest or {}).get("factory")
+    if not any(given) and isinstance(saved, dict) and saved.get("spec"):
+        factory, kwargs = saved["spec"], dict(saved.get("kwargs") or {})
+        given = [False, True, False]
     if sum(given) != 1:
         raise IncidentError("replay needs exactly one model source: --model MODEL_DIR (a local Hugging Face "
-                            "checkpoint) or --factory pkg.mod:fn (a function that builds the model)")
+                            "checkpoint) or --factory pkg.mod:fn (a function that builds the model; set "
+                            "incidents.factory in the run's config to have it saved with every incident)")
     if model is not None:
         return model, None, type(model).__name__
     if model_dir is not None:
         return _from_checkpoint(model_dir), None, f"checkpoint {model_dir}"
-    built = load_factory(factory)()  # type: ignore[arg-type]
+    fn = load_factory(factory)  # type: ignore[arg-type]
+    with contextlib.suppress(TypeError, ValueError):  # a builtin or C function has no signature to read
+        if "manifest" in inspect.signature(fn).parameters:
+            kwargs["manifest"] = manifest or {}
+    built = fn(**kwargs)
     loss_fn = None
     if isinstance(built, tuple):
         built, loss_fn = built
@@ -155,7 +172,7 @@ def replay(incident: str | Path, model: nn.Module | None = None, *, factory: str
     """Rerun the incident's step (see the module docstring); returns what it found."""
     folder = Path(incident)
     manifest = load_manifest(folder)
-    net, loss_fn, source = build_model(model, factory, model_dir)
+    net, loss_fn, source = build_model(model, factory, model_dir, manifest)
     notes: list[str] = []
     weights = _load_weights(net, folder, manifest, notes)
     calls, rngs = cap.load_batch(folder)
@@ -175,7 +192,8 @@ def replay(incident: str | Path, model: nn.Module | None = None, *, factory: str
     net.zero_grad(set_to_none=True)
     bad_inputs: list[str] = []
     loss_total, loss_source = 0.0, "none"
-    with Trace(net, path=trace_path, stats=True) as tr:
+    inputs_ok: dict[tuple[str, int], bool] = {}
+    with _input_checks(net, inputs_ok), Trace(net, path=trace_path, stats=True) as tr:
         for i, (call, rng) in enumerate(zip(calls, rngs, strict=True)):
             args = _restore(cap.to_device(call["args"], device))
             kwargs = _restore(cap.to_device(call["kwargs"], device))
@@ -187,7 +205,7 @@ def replay(incident: str | Path, model: nn.Module | None = None, *, factory: str
                 loss_total += float(loss.detach())
                 if loss.requires_grad:
                     loss.backward()
-    activations = _activations(tr)
+    activations = _activations(tr, inputs_ok)
     origin, origin_cls = _origin(activations, bad_inputs)
     stop = next((k for k, a in enumerate(activations) if not a.finite), len(activations))
     before = [a for a in activations[:stop] if math.isfinite(a.absmax)]
@@ -220,7 +238,7 @@ def _load_weights(net: nn.Module, folder: Path, manifest: dict, notes: list[str]
         raise IncidentError(f"the saved weights in {str(path)!r} do not fit the model given ({' '.join(first)}); "
                             "build the same architecture the run trained") from exc
     return {"before_optimizer_step": "before the optimizer's step (the failing forward's)",
-            "unchanged_by_step": "unchanged (the GradScaler skipped the step)",
+            "unchanged_by_step": "unchanged by the step (its update was skipped): the weights the failing forward used",
             }.get(info.get("when"), f"after the optimizer's step ({info.get('when')})")
 
 
@@ -261,7 +279,26 @@ def _loss(output: Any, loss_fn: Callable | None, call: dict) -> tuple[torch.Tens
     return sum(t.float().mean() for t in tensors), "surrogate: the sum of the outputs' means (no loss was found)"
 
 
-def _activations(tr: Any) -> list[Activation]:
+def _input_checks(net: nn.Module, inputs_ok: dict[tuple[str, int], bool]) -> HookSet:
+    """Hooks that note, per (module, call), whether every floating input was finite: a child called on a
+    value its parent's own code made non-finite (``attn.c_proj`` after a division by zero in ``attn``) is not
+    the origin; the parent is."""
+    calls: collections.Counter = collections.Counter()
+
+    def pre(name: str, _module: nn.Module):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            index = calls[name]
+            calls[name] += 1
+            inputs_ok[(name, index)] = all(bool(t.isfinite().all()) for _, t in _float_tensors((args, kwargs)))
+
+        return hook
+
+    hooks = HookSet("replay")
+    hooks.on_modules(net, pre, with_kwargs=True)
+    return hooks
+
+
+def _activations(tr: Any, inputs_ok: dict[tuple[str, int], bool]) -> list[Activation]:
     """Every traced call with statistics, in the order calls finished (a child before its parent)."""
     out = []
     for c in sorted((c for c in tr.all_calls() if c.end is not None), key=lambda c: c.end):
@@ -270,14 +307,18 @@ def _activations(tr: Any) -> list[Activation]:
         absmax = max(s["absmax"] for s in c.stats)
         finite = all(s["finite"] and math.isfinite(s["absmax"]) for s in c.stats)
         s0 = c.stats[0]
-        out.append(Activation(c.name, c.cls, c.call, absmax, s0["mean"], s0["std"], finite))
+        out.append(Activation(c.name, c.cls, c.call, absmax, s0["mean"], s0["std"], finite,
+                              inputs_ok.get((c.name, c.call), True)))
     return out
 
 
 def _origin(activations: list[Activation], bad_inputs: list[str]) -> tuple[str | None, str | None]:
+    """The first call to finish whose output is non-finite while its inputs were finite (the module whose own
+    computation made it); else the first non-finite one."""
     if bad_inputs:
         return "<input>", None
-    first = next((a for a in activations if not a.finite), None)
+    bad = [a for a in activations if not a.finite]
+    first = next((a for a in bad if a.inputs_finite), bad[0] if bad else None)
     return (first.name, first.cls) if first is not None else (None, None)
 
 
@@ -319,8 +360,8 @@ def render(result: ReplayResult, console: Any) -> None:
     elif result.origin is not None:
         name = result.origin or "<model>"
         console.print(f"[bold red]first non-finite module:[/] {escape(name)} ({result.origin_class}): its output "
-                      f"holds NaN/Inf while every call before it was finite ({result.nonfinite_modules} calls "
-                      "non-finite in all)", soft_wrap=True)
+                      f"holds NaN/Inf while its inputs were finite ({result.nonfinite_modules} calls non-finite in "
+                      "all; the others inherit the value)", soft_wrap=True)
     else:
         console.print("[bold green]no module output went non-finite[/] in the replay", soft_wrap=True)
     if result.largest:

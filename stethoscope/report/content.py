@@ -99,6 +99,7 @@ def finding_rows(run: Run) -> list[FindingRow]:
                     members=members,
                     replay=saved.get("folder", "") if root else "",
                     replay_weights=_weights_words(saved) if root else "",
+                    replay_factory=root and bool((saved.get("factory") or {}).get("spec")),
                 )
             )
     return rows

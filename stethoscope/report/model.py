@@ -121,6 +121,7 @@ class FindingRow:
     members: int = 0  # targets an aggregated finding stands for (0: one target)
     replay: str = ""  # for a root: the incident folder saved for `stethoscope replay` (relative to the run)
     replay_weights: str = ""  # which weights that folder holds, in words ("" when none were saved)
+    replay_factory: bool = False  # the run named its model factory (incidents.factory): no --factory needed
 
 
 def replay_line(row: FindingRow, run_dir: str = "RUN_DIR") -> str:
@@ -128,8 +129,10 @@ def replay_line(row: FindingRow, run_dir: str = "RUN_DIR") -> str:
     if not row.replay:
         return ""
     saved = "the batch, the RNG states" + (f" and {row.replay_weights}" if row.replay_weights else "")
+    if row.replay_factory:
+        return f"Replay it: `stethoscope replay {run_dir}/{row.replay}` — saved there: {saved}."
     return (f"Replay it: `stethoscope replay {run_dir}/{row.replay} --factory pkg.mod:fn` — saved there: {saved}; "
-            "the factory builds your model (docs/replay.md).")
+            "the factory builds your model (or set incidents.factory; docs/replay.md).")
 
 
 TABLE_CONSEQUENCES = 3  # consequences listed under their root in a findings table (the rest counted)

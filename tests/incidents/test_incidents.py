@@ -328,3 +328,22 @@ def test_overwrite_removes_an_earlier_runs_incidents(nan_run, tmp_path):
             model(*next(iter(loader()))[:2])[1].backward()
     assert not (path / "incidents").exists()  # its replay hints would point at another run's batch
     assert st.load_run(path).captures == []
+
+
+def test_a_demo_incident_replays_as_printed_and_names_the_module_whose_own_code_made_the_nan(tmp_path):
+    """The nan pathology divides attention scores by 0 inside ``transformer.h.2.attn``'s own forward: its child
+    ``c_proj`` is the first call to *finish* non-finite, but on an input already non-finite — not the origin.
+    The demo names its factory (``incidents.factory``), so the printed replay line needs no --factory."""
+    from stethoscope.demo import run_demo
+    from stethoscope.report import build
+    from stethoscope.report.model import replay_line
+
+    run_dir = run_demo(steps=4, out=tmp_path / "demo", pathology="nan", quiet=True,
+                       config={"report": {"enabled": False}, "watchdog": {"enabled": False}})
+    run = st.load_run(run_dir)
+    root = next(r for r in build(run, findings_only=True).findings if r.replay)
+    assert root.code == "numerics.nonfinite" and root.target == "transformer.h.2.attn"
+    assert replay_line(root, str(run_dir)).startswith(f"Replay it: `stethoscope replay {run_dir}/incidents/step-2`")
+    result = replay(run_dir / "incidents" / "step-2")  # the model from the manifest's factory
+    assert result.origin == "transformer.h.2.attn"
+    assert result.weights.startswith("unchanged by the step")  # the demo skips the update on a NaN loss
