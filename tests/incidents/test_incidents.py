@@ -323,9 +323,8 @@ def test_overwrite_removes_an_earlier_runs_incidents(nan_run, tmp_path):
     path = tmp_path / "run"
     shutil.copytree(nan_run[0], path)  # a run that left incidents/step-K
     model = tiny_gpt()
-    with st.Monitor(model, run_dir=path, config=_config(), overwrite=True) as mon:
-        with mon.step(0):
-            model(*next(iter(loader()))[:2])[1].backward()
+    with st.Monitor(model, run_dir=path, config=_config(), overwrite=True) as mon, mon.step(0):
+        model(*next(iter(loader()))[:2])[1].backward()
     assert not (path / "incidents").exists()  # its replay hints would point at another run's batch
     assert st.load_run(path).captures == []
 
