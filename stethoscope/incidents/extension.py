@@ -148,9 +148,19 @@ class IncidentExtension(Extension):
         cur.grad_spike = self._grad_spikes.check(norm)  # non-finite counts too
         bad = cur.grad_spike and (self.cfg.spikes or not math.isfinite(norm))
         model = run.model
-        if bad and cur.weights is None and model is not None and \
+        if bad and cur.weights is None and model is not None and self._would_open(cur.step) and \
                 cap.state_bytes(model) <= self.cfg.max_weights_mb * _MB:
             cur.weights = cap.cpu_state_dict(model)
+
+    def _in_episode(self, step: int) -> bool:
+        """Trouble at ``step`` belongs to the incident already open (within ``sampling.after_anomaly`` steps)."""
+        return (self._current is not None and self._last_trouble is not None
+                and step - self._last_trouble <= self._run.config.sampling.after_anomaly)
+
+    def _would_open(self, step: int) -> bool:
+        """Whether trouble at ``step`` would write a new folder: not inside the open episode (a diverging run
+        spikes every step, and a weight copy per step would slow it to a crawl), and under the cap."""
+        return len(self.captured) < self.cfg.max_incidents and not self._in_episode(step)
 
     # ------------------------------------------------------------------ at the step's record
     def observe(self, record: StepRecord) -> None:
@@ -165,12 +175,13 @@ class IncidentExtension(Extension):
                                  "step": f.first_step})
         if not triggers and not findings:
             return
-        episode = (self._current is not None and self._last_trouble is not None and step is not None
-                   and step - self._last_trouble <= self._run.config.sampling.after_anomaly)
+        if step is None:
+            return
+        episode = self._in_episode(step)
         self._last_trouble = step
         if episode:
             self._add_to_episode(step, triggers, findings)
-        elif len(self.captured) < self.cfg.max_incidents and step is not None:
+        elif len(self.captured) < self.cfg.max_incidents:
             self._capture(step, cur, record, triggers, findings)
         else:
             self._current = None

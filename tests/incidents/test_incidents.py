@@ -346,3 +346,15 @@ def test_a_demo_incident_replays_as_printed_and_names_the_module_whose_own_code_
     result = replay(run_dir / "incidents" / "step-2")  # the model from the manifest's factory
     assert result.origin == "transformer.h.2.attn"
     assert result.weights.startswith("unchanged by the step")  # the demo skips the update on a NaN loss
+
+
+def test_a_run_that_stays_broken_copies_its_weights_once(tmp_path, monkeypatch):
+    """After the first NaN every step's gradient is NaN: those steps belong to the open incident, so the
+    weights are copied for its folder only — not once per step (a diverging run crawled)."""
+    from stethoscope.incidents import capture as cap
+
+    copies = []
+    original = cap.cpu_state_dict
+    monkeypatch.setattr(cap, "cpu_state_dict", lambda model: copies.append(1) or original(model))
+    _train(tmp_path / "run")  # NaN from step K to the end (STEPS - K steps)
+    assert STEPS - K > 1 and len(copies) == 1
