@@ -38,6 +38,7 @@ SECTION_MODULES: tuple[str, ...] = (
     "stethoscope.moe.report",
     "stethoscope.memory.report",
     "stethoscope.report.sections.timing",
+    "stethoscope.perf.report",
 )
 
 

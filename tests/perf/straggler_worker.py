@@ -5,8 +5,9 @@
 Three monitors in a row over the same process group, each in its own run folder under OUT_DIR:
 
 * ``healthy`` — every rank "loads" its batch for DATA s and spends FWD s in the module ``block``;
-* ``slow`` — the same, but rank SLOW_FWD spends FWD × FACTOR in ``block`` (a 1.5× slower forward) and rank
-  SLOW_DATA waits DATA_EXTRA s more for its batches;
+* ``slow`` — the same, but rank SLOW_FWD spends FWD × FACTOR in ``block`` (a 1.5× slower forward) and also
+  waits DATA_EXTRA s more for its batches (one straggler, two slow phases: with half the ranks slow the median
+  rank would be a slow one, docs/distributed.md);
 * ``hang`` — rank HANG_RANK sleeps HANG s inside ``block`` at step 2, past the watchdog's 1 s stall limit.
 
 Sleeps, not computation, make the phases: on a loaded 2-core machine a sleep lasts at least its length, so
@@ -30,7 +31,7 @@ import stethoscope as st
 STEPS = 40
 DATA, DATA_EXTRA = 0.004, 0.020
 FWD, FACTOR = 0.030, 1.5
-SLOW_FWD, SLOW_DATA = 2, 1
+SLOW_FWD = SLOW_DATA = 2  # one straggler: the median rank must be one of the waiting ones
 HANG_RANK, HANG = 3, 2.5
 STATE = {"mode": "healthy", "step": -1}
 

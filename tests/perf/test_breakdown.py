@@ -167,6 +167,12 @@ def test_input_bound_names_the_data_wait_and_its_twin_is_silent(tmp_path):
     twin, twin_summary = _train(tmp_path, "slow_forward", forward_s=0.030)
     assert [f for f in twin.findings if f.code.startswith("perf.")] == []
     assert twin_summary["forward"] >= 0.030 and twin_summary["data"] < 0.005
+    # the report's step-time section reads the rows
+    from stethoscope.perf.report import step_time
+
+    section = step_time(run)
+    [table] = section.tables
+    assert table.columns[1:3] == ["data", "forward"] and table.rows[0][0] == "all steps"
 
 
 def test_monitor_overhead_says_so_and_its_twin_is_silent(tmp_path):
