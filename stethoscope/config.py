@@ -41,6 +41,11 @@ class StatsConfig(StrictModel):
     update_ratio: str | list[str] = Field(
         "*", description="parameter name patterns whose update-to-weight ratio is measured; '' = off"
     )
+    update_budget_mb: float | None = Field(
+        256.0, ge=0.0,
+        description="MiB of parameters copied per device on a sampled step for update ratios (round-robin "
+        "across sampled steps; a larger parameter alone); null = all every sampled step",
+    )
     per_call: bool = Field(
         False, description="one metrics row per call of a module instead of one aggregated row"
     )

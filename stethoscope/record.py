@@ -31,6 +31,9 @@ class UpdateRecord:
     update_norm: float
     weight_norm: float
     ratio: float  # ‖Δw‖ / ‖w‖
+    # False: not copied this step (stats.update_budget_mb's round-robin); update_norm and ratio are NaN then,
+    # weight_norm is still this step's
+    measured: bool = True
 
 
 @dataclass

@@ -9,8 +9,12 @@ Gradient rows count an entry as zero only where it is exactly zero (the activati
 dead units, cut paths and frozen gradients give exact zeros, while small healthy gradients (the query and key
 thirds of a fused attention projection at initialisation) do not (docs/findings.md, ``grad.zero_fraction``).
 
-Update ratios compare a copy of the selected parameters taken at the step pre-hook with the parameters at
-the post-hook: ``‖Δw‖`` and ``‖w‖`` per parameter, one device row per device.
+Update ratios compare a copy of parameters taken at the step pre-hook with the parameters at the post-hook:
+``‖Δw‖`` exactly, as the step realised it (rounding to the parameter's dtype included). To bound the extra
+memory, a sampled step copies at most ``stats.update_budget_mb`` per device (a parameter larger than that
+alone), taking the selected parameters round-robin across sampled steps; ``‖w‖`` of every selected parameter
+is read each sampled step without a copy. One device row per device: ``‖Δw‖`` of the measured ones, then
+``‖w‖`` of all (``records.py`` marks the others ``measured=False``).
 
 With a ``GradScaler`` handed to the monitor, every step's ``found_inf`` (the scaler's own device flag: it
 skipped the optimizer step because a gradient was non-finite) is kept by reference, with no device work and
@@ -65,7 +69,9 @@ class GradientReader:
         self.missing: list[str] = []
         self._marks: list = []  # per watched parameter: (weakref to its grad, version) at step start
         self._scaler_states: Any = None  # the GradScaler's per-optimizer states at step start
-        self._snapshot: list[tuple[torch.device, list[str], list[torch.Tensor], list]] = []
+        # per device: (names of all selected parameters, indices of those copied this step, the copies, ‖w‖ of all)
+        self._snapshot: list[tuple[torch.device, list[str], list[int], list[torch.Tensor], list]] = []
+        self._cursor: dict[torch.device, int] = {}  # per device: the first parameter the next copy takes
         # the scaler's found_inf flag of every scaler step since the last sampled step (device tensors, kept
         # by reference), and those folded into a device count past AMP_FOLD
         self._amp_flags: list[torch.Tensor] = []
@@ -116,6 +122,7 @@ class GradientReader:
         self.grad_params = []
         self.update_params = []
         self._snapshot = []
+        self._cursor = {}
         self._marks = []
         self._scaler_states = None
         self._scaler_ref = None
@@ -250,9 +257,33 @@ class GradientReader:
             names.append(name)
             params.append(p.detach())
         for device, (names, params) in groups.items():
-            copies = [p.clone() for p in params]
-            norms = torch._foreach_norm(copies)
-            self._snapshot.append((device, names, copies, norms))
+            chosen = self._choose(device, params)
+            weight_norms = torch._foreach_norm(params)  # P device scalars: ‖w‖ before the step, no copy
+            copies = [params[i].clone() for i in chosen]  # at most the budget (or one larger parameter)
+            self._snapshot.append((device, names, chosen, copies, weight_norms))
+
+    def _choose(self, device: torch.device, params: list[torch.Tensor]) -> list[int]:
+        """Indices of the parameters to copy this step: from the device's cursor on, while within the budget.
+
+        Strict round-robin (the first one that does not fit ends the turn), so every parameter is measured
+        once every ``ceil(total bytes / budget)`` sampled steps or so; at least one per step.
+        """
+        budget_mb = self.engine.cfg.update_budget_mb
+        n = len(params)
+        if budget_mb is None:
+            return list(range(n))
+        limit = budget_mb * 2**20
+        start = self._cursor.get(device, 0) % n
+        chosen: list[int] = []
+        used = 0
+        for k in range(n):
+            i = (start + k) % n
+            size = params[i].numel() * params[i].element_size()
+            if chosen and used + size > limit:
+                break
+            chosen.append(i)
+            used += size
+        return chosen
 
     def _optimizer_post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if not self._snapshot:
@@ -261,14 +292,16 @@ class GradientReader:
 
     def _after_optimizer_step(self) -> None:
         by_name = dict(self.update_params)
-        for _device, names, copies, weight_norms in self._snapshot:
-            current = [by_name[n].detach() for n in names]
+        for device, names, chosen, copies, weight_norms in self._snapshot:
+            measured = [names[i] for i in chosen]
+            current = [by_name[n].detach() for n in measured]
             torch._foreach_sub_(copies, current)  # copies = w_before - w_after = -Δw
             delta_norms = torch._foreach_norm(copies)
             row = torch.cat([
-                torch.stack([d.float() for d in delta_norms]),
-                torch.stack([w.float() for w in weight_norms]),
-            ])  # (2P,): ‖Δw‖ then ‖w‖ for each parameter
-            self.collector.add(Entry("update", "", "", 0, len(names), extra={"names": names}), row)
+                torch.stack([d.float() for d in delta_norms]),  # (m,) ‖Δw‖ of the measured parameters
+                torch.stack([w.float() for w in weight_norms]),  # (P,) ‖w‖ of every selected parameter
+            ])
+            self.collector.add(Entry("update", "", "", 0, len(names),
+                                     extra={"names": names, "measured": measured}), row)
+            self._cursor[device] = (chosen[-1] + 1) % len(names)  # the measurement happened: next turn
         self._snapshot = []
-

@@ -73,9 +73,15 @@ def build_record(step: int | None, pending: dict | None, entries: list[Entry], r
             record.grads[entry.name] = GradRecord(entry.name, st)
         elif entry.kind == "update":
             names = entry.extra["names"]
-            n = len(names)
+            measured = entry.extra.get("measured", names)
+            m = len(measured)  # row: ‖Δw‖ of the m measured parameters, then ‖w‖ of all of them
+            deltas = {name: float(row[i]) for i, name in enumerate(measured)}
             for i, name in enumerate(names):
-                dn, wn = float(row[i]), float(row[n + i])
+                wn = float(row[m + i])
+                if name not in deltas:  # outside this step's update budget: ‖w‖ only
+                    record.updates[name] = UpdateRecord(name, math.nan, wn, math.nan, measured=False)
+                    continue
+                dn = deltas[name]
                 ratio = dn / wn if wn > 0 else (math.inf if dn > 0 else 0.0)
                 record.updates[name] = UpdateRecord(name, dn, wn, ratio)
         elif entry.kind == "amp":  # the GradScaler: [scale, folded skips, one flag per scaler step]
@@ -150,6 +156,8 @@ class MetricsWriter:
             for name in record.missing_grads:
                 w.write(base | {"kind": "grad", "name": name, "missing": True})
             for rec in record.updates.values():
+                if not rec.measured:
+                    continue  # no ‖Δw‖ this step: no row (its last measured one stands)
                 w.write(base | {"kind": "update", "name": rec.name, "update_norm": rec.update_norm,
                                 "weight_norm": rec.weight_norm, "ratio": rec.ratio})
         if record.grads:  # a scalar row: kept past the storage cap too

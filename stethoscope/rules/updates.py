@@ -22,8 +22,9 @@ from stethoscope.rules.thresholds import Threshold
 class UpdateRatio(Rule):
     """``update.ratio``: update-to-weight ratio far outside what the learning rate should give.
 
-    Value: the median ‖Δw‖/‖w‖ over the last ``rules.smoothing`` sampled steps. Too high (key
-    ``update.ratio``): warning at 1 (a step rewrites the weight entirely), critical at 10. Too low (key
+    Value: the median ‖Δw‖/‖w‖ over the last ``rules.smoothing`` sampled steps that measured the parameter
+    (``stats.update_budget_mb``: a sampled step may measure only some; the others are not judged then).
+    Too high (key ``update.ratio``): warning at 1 (a step rewrites the weight entirely), critical at 10. Too low (key
     ``update.ratio.low``): warning at 1e-6, critical at 1e-8 (a million steps to move a weight by its own
     size); a parameter that gets a gradient but is in no optimizer param group is critical at once.
 
@@ -59,6 +60,8 @@ class UpdateRatio(Rule):
                 self.seen.add(name)
                 if u.weight_norm == 0:
                     self.zero_init.add(name)
+            if not u.measured:
+                continue  # outside this step's update budget: its window keeps its last measured ratios
             if not (math.isfinite(u.weight_norm) and math.isfinite(u.update_norm)) or u.weight_norm == 0:
                 continue
             pi = self.info.params.get(name)
