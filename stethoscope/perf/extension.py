@@ -10,7 +10,7 @@ Judged every ``perf.publish_every`` steps over the last ``perf.window`` steps:
 
 * ``perf.input_bound`` — the data wait's share of the wall clock (steps far longer than usual, an evaluation
   or a checkpoint, left out);
-* ``perf.monitor_overhead`` — the monitor's own share over the last ``4 × perf.window`` steps: its work at the
+* ``perf.monitor_overhead`` (``info``: it never changes the run's verdict) — the monitor's own share over the last ``4 × perf.window`` steps: its work at the
   step boundaries (measured) plus what sampled steps' statistics added to forward/backward/optimizer
   (estimated against the unsampled steps' median);
 * ``dist.straggler`` — under ``torch.distributed``, this rank's phase medians against the median rank's, from
@@ -254,6 +254,7 @@ class PerfExtension(Extension):
                 lambda: self._hint(MONITOR_OVERHEAD),
                 data={"share": share, "monitor_s_per_step": mon / n, "steps": n,
                       "sampled_estimate_s": est},
+                severity="info",  # the tool's cost, not the training's health: said, never the run's verdict
             )
         producer.settle(step)
 

@@ -180,6 +180,7 @@ def test_monitor_overhead_says_so_and_its_twin_is_silent(tmp_path):
     run, summary = _train(tmp_path, "busy", steps=40, sampling={"warmup_steps": 1000, "every": 1})
     [f] = [f for f in run.findings if f.code == "perf.monitor_overhead"]
     assert f.target == "monitor" and f.value >= 0.10
+    assert f.severity == "info" and run.meta["verdict"]["status"] == "healthy"  # said, never the run's verdict
     assert "stethoscope itself took" in f.message and "sampling.every" in f.hint
     assert summary["monitor"] > summary["forward"]
     # the twin: the same monitor (default statistics, nothing sampled) around a step that does real work
