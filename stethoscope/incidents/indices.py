@@ -60,10 +60,22 @@ def _recording_loader(cls: type) -> type:
     return sub
 
 
+def _set_class(obj: Any, cls: type) -> None:
+    """``obj.__class__ = cls``, also through a wrapper that makes ``__class__`` a read-only property (accelerate's
+    ``DataLoaderShard`` reports its inner DataLoader's class): the assignment goes to ``object``'s own slot."""
+    try:
+        _OBJECT_CLASS.__set__(obj, cls)
+    except AttributeError as exc:  # pragma: no cover - CPython always has the slot
+        raise TypeError(str(exc)) from exc
+
+
+_OBJECT_CLASS = object.__dict__["__class__"]
+
+
 def _swap(obj: Any, make: Callable[[type], type]) -> type:
     """Give ``obj`` its recording class; returns the class it had."""
     cls = type(obj)
-    object.__setattr__(obj, "__class__", make(cls))
+    _set_class(obj, make(cls))
     return cls
 
 
@@ -120,14 +132,14 @@ def watch_loader(loader: Any, hooks: HookSet, on_batch: Callable[[Any], None]) -
     try:
         loader_cls = _swap(loader, _recording_loader)
     except TypeError:
-        object.__setattr__(source, "__class__", source_cls)
+        _set_class(source, source_cls)
         return None
     source.__dict__["_stethoscope_queue"] = watch.queue
     loader.__dict__["_stethoscope_watch"] = watch
 
     def undo() -> None:
-        object.__setattr__(loader, "__class__", loader_cls)
-        object.__setattr__(source, "__class__", source_cls)
+        _set_class(loader, loader_cls)
+        _set_class(source, source_cls)
         loader.__dict__.pop("_stethoscope_watch", None)
         source.__dict__.pop("_stethoscope_queue", None)
 

@@ -166,3 +166,39 @@ def test_optimizer_wrapper_is_unwrapped():
     assert unwrap_optimizer(AcceleratedOptimizer(opt, device_placement=False)) is opt
     assert unwrap_optimizer(opt) is opt
     assert unwrap_optimizer(None) is None
+
+
+def test_a_nan_step_under_the_trainer_saves_that_steps_batch_and_dataset_indices(tmp_path):
+    """The callback watches the Trainer's own (shuffled, accelerate-wrapped) train dataloader: the incident of
+    the optimizer step whose forward went NaN holds the dataset indices of its micro-batches, and the saved
+    batch is exactly those examples."""
+    model = tiny_gpt2_lm()
+    calls = {"n": 0}
+    bad_step = 2  # optimizer steps 0, 1 are healthy; step 2's micro-batches are calls 4 and 5
+
+    def poison(module, args):
+        calls["n"] += 1
+        if calls["n"] == 2 * bad_step + 1:
+            with torch.no_grad():
+                module.weight[0, 0] = float("inf")  # c_attn of block 1: its output and the loss go non-finite
+
+    model.transformer.h[1].attn.c_attn.register_forward_pre_hook(poison)
+    data = TokenDataset(16)
+    cb = StethoscopeCallback(config=FAST)
+    trainer = Trainer(model=model, args=_args(tmp_path, eval_strategy="no"), train_dataset=data, callbacks=[cb])
+    trainer.train()
+    folder = cb.run_dir / "incidents" / f"step-{bad_step}"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["indices"]["available"], manifest["indices"]
+    batches = manifest["indices"]["batches"]  # one list of dataset indices per micro-batch
+    assert [len(b) for b in batches] == [2, 2]
+    calls_saved = torch.load(folder / "batch.pt", weights_only=True)
+    assert len(calls_saved) == 2
+    for call, indices in zip(calls_saved, batches, strict=True):
+        expected = torch.stack([torch.as_tensor(data[i]["input_ids"]) for i in indices])
+        assert torch.equal(call["kwargs"]["input_ids"], expected)
+    skip = json.loads((cb.run_dir / "incidents" / "skip_batches.json").read_text())
+    assert skip["batches"][0]["indices"] == batches
+    # watching accelerate's DataLoaderShard (whose __class__ is a read-only property) raised inside the
+    # callback before: a monitor.error finding in every Trainer run
+    assert [f.code for f in st.load_run(cb.run_dir).findings if f.code == "monitor.error"] == []
