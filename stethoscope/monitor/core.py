@@ -62,7 +62,7 @@ from stethoscope.monitor.meta import (
 )
 from stethoscope.monitor.pipeline import RecordPipeline
 from stethoscope.monitor.records import MetricsWriter, scalar_value
-from stethoscope.naming import clean_name, make_filter, patterns
+from stethoscope.naming import make_filter, patterns
 from stethoscope.sampling import Schedule, schedule_from_config
 
 
@@ -261,7 +261,7 @@ class Monitor:
             self._errors.record("schedule", exc)
             scheduled = False
         self._sampled = self._pipeline.take_anomaly() or scheduled
-        self._gradients.begin_step(self._sampled)
+        self._gradients.begin_step(self._sampled, scheduled)
         self._forward.new_step()
         self._engine.new_step()
         hb = self.heartbeat
@@ -531,8 +531,9 @@ def _watched_params(model: nn.Module, cfg: Config) -> tuple[list, list]:
     update_filter = make_filter(patterns(cfg.stats.update_ratio))
     grads: list[tuple[str, nn.Parameter]] = []
     updates: list[tuple[str, nn.Parameter]] = []
-    for raw_name, p in model.named_parameters():
-        name = clean_name(raw_name)
+    from stethoscope.distributed.sharded import watched_parameters
+
+    for name, p in watched_parameters(model):  # FSDP-sharded ones as full parameters, by clean name
         if not p.requires_grad:
             continue
         if grad_filter(name):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from stethoscope.collector import Entry, StepCollector
+from stethoscope.distributed import sharded
 from stethoscope.hooks import HookSet
 from stethoscope.monitor.engine import StatsEngine, no_autocast
 
@@ -56,8 +57,11 @@ class GradientReader:
 
     def __init__(self, grad_params: list[tuple[str, nn.Parameter]], update_params: list[tuple[str, nn.Parameter]],
                  engine: StatsEngine, collector: StepCollector, guard: Guard, scaler: Any = None):
-        self.grad_params = grad_params
-        self.update_params = update_params
+        # sharded parameters (FSDP2 / FSDP1) are read apart, as full parameters (see "sharded parameters")
+        self.grad_params, self.sharded_grads = sharded.split(grad_params)
+        self.update_params, self.sharded_updates = sharded.split(update_params)
+        self.scheduled = False  # the schedule picked this step: the same on every rank (collectives allowed)
+        self._sharded_snapshot: list = []
         self.engine = engine
         self.collector = collector
         self.guard = guard
@@ -88,6 +92,9 @@ class GradientReader:
         self._optimizer_ref = weakref.ref(optimizer)
         hooks.step_pre(optimizer, self._optimizer_pre_hook)
         hooks.step_post(optimizer, self._optimizer_post_hook)
+        if self.sharded_updates:
+            hooks.step_pre(optimizer, self._sharded_pre_hook)
+            hooks.step_post(optimizer, self._sharded_post_hook)
         original = optimizer.zero_grad  # bound method; the instance attribute goes on removal
 
         def zero_grad(*args: Any, **kwargs: Any) -> Any:
@@ -100,8 +107,10 @@ class GradientReader:
         hooks.patch(optimizer, "zero_grad", zero_grad)
 
     # ------------------------------------------------------------------ the step
-    def begin_step(self, sampled: bool) -> None:
+    def begin_step(self, sampled: bool, scheduled: bool | None = None) -> None:
         self.active = sampled
+        self.scheduled = sampled if scheduled is None else bool(scheduled and sampled)
+        self._sharded_snapshot = []
         self.read_done = False
         self._marks = self._marks_now() if sampled else []
         scaler = self.scaler
@@ -121,6 +130,7 @@ class GradientReader:
     def detach(self) -> None:
         self.grad_params = []
         self.update_params = []
+        self.sharded_grads, self.sharded_updates, self._sharded_snapshot = [], [], []
         self._snapshot = []
         self._cursor = {}
         self._marks = []
@@ -156,11 +166,11 @@ class GradientReader:
 
     def _marks_now(self) -> list:
         """Which gradient tensor each watched parameter holds now, and its version (no host sync)."""
-        return [None if (g := p.grad) is None else (weakref.ref(g), g._version) for _, p in self.grad_params]
+        return [None if (g := p.grad) is None else (weakref.ref(g), g._version) for p in self._mark_params()]
 
     def changed(self) -> bool:
         """True when a backward pass has written a gradient since the step began."""
-        for (_, p), mark in zip(self.grad_params, self._marks, strict=False):
+        for p, mark in zip(self._mark_params(), self._marks, strict=False):
             g = p.grad
             if g is not None and (mark is None or mark[0]() is not g or mark[1] != g._version):
                 return True
@@ -184,6 +194,8 @@ class GradientReader:
             with no_autocast(g.device):
                 row = self.engine.compute(g, False, None, eps=0.0)  # a gradient is zero only where exactly 0
             self.collector.add(Entry("grad", name, "", 0, g.numel()), row)
+        if self.sharded_grads and self.scheduled:
+            self._read_sharded(inv)
 
     # ------------------------------------------------------------------ the GradScaler
     def _found_inf(self, scaler: Any) -> torch.Tensor | None:
@@ -305,3 +317,63 @@ class GradientReader:
                                      extra={"names": names, "measured": measured}), row)
             self._cursor[device] = (chosen[-1] + 1) % len(names)  # the measurement happened: next turn
         self._snapshot = []
+
+    # ------------------------------------------------------------------ sharded parameters (FSDP2 / FSDP1)
+    # Rows of the full parameter from this rank's part and one small all-reduce per batch of parameters
+    # (stethoscope/distributed/sharded.py). Collectives: only on scheduled steps, which every rank samples;
+    # on a step only an anomaly made sampled, sharded parameters are not read (docs/distributed.md).
+    def _mark_params(self) -> list[torch.Tensor]:
+        """The tensors whose ``.grad`` tells whether a backward ran: plain parameters, then sharded ones."""
+        seen: dict[int, torch.Tensor] = {}
+        for sp in self.sharded_grads:
+            seen.setdefault(id(sp.param), sp.param)
+        return [p for _, p in self.grad_params] + list(seen.values())
+
+    def _read_sharded(self, inv: torch.Tensor | None) -> None:
+        for groups, parts in sharded.batches(self.sharded_grads):
+            # every rank enters the collective, with or without gradients, so none can wait for another
+            locals_ = [sp.local_grad() for sp in parts]
+            device = sharded.local_device(parts[0])
+            rows, counts = [], []
+            for g in locals_:
+                if g is None:  # no gradient in this rank's part: it adds nothing (missing, see below)
+                    g = torch.empty(0, device=device)
+                if inv is not None:
+                    g = g.float() * inv.to(g.device)
+                with no_autocast(g.device):
+                    rows.append(self.engine.compute(g, False, None, eps=0.0))  # (RAW_WIDTH,)
+                counts.append(g.numel())
+            full = sharded.combine_rows(torch.stack(rows), counts, groups)  # (K, RAW_WIDTH) of the full tensors
+            for k, (sp, g) in enumerate(zip(parts, locals_, strict=True)):
+                if g is None:
+                    self.missing.append(sp.name)
+                else:
+                    self.collector.add(Entry("grad", sp.name, "", 0, sp.numel), full[k])
+
+    def _sharded_pre_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.active and self.scheduled:
+            self.guard("optimizer step pre-hook (sharded)", self._before_sharded_step)
+
+    def _before_sharded_step(self) -> None:
+        """Copy this rank's part of each sharded parameter (1/world of it) and its squared norm."""
+        self._sharded_snapshot = []
+        for groups, parts in sharded.batches(self.sharded_updates):
+            locals_ = [sp.local(sp.param.detach()) for sp in parts]
+            copies = [t.clone() for t in locals_]
+            w2 = torch.stack([t.float().pow(2).sum() for t in locals_])  # (K,) ‖w_part‖²
+            self._sharded_snapshot.append((groups, parts, copies, w2))
+
+    def _sharded_post_hook(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._sharded_snapshot:
+            self.guard("optimizer step post-hook (sharded)", self._after_sharded_step)
+
+    def _after_sharded_step(self) -> None:
+        for groups, parts, copies, w2 in self._sharded_snapshot:
+            current = [sp.local(sp.param.detach()) for sp in parts]
+            d2 = torch.stack([(c.float() - t.float()).pow(2).sum() for c, t in zip(copies, current, strict=True)])
+            norms = sharded.combine_norms(torch.stack([d2, w2], dim=1), groups)  # (K, 2): ‖Δw‖, ‖w‖
+            names = [sp.name for sp in parts]
+            row = torch.cat([norms[:, 0], norms[:, 1]])  # (2K,): ‖Δw‖ then ‖w‖ for each parameter
+            self.collector.add(Entry("update", "", "", 0, len(names), extra={"names": names, "measured": names}),
+                               row)
+        self._sharded_snapshot = []
