@@ -24,6 +24,12 @@ the same round. Printed: the median ratio with a bootstrap 95 % interval.
   (t) trace mode (``st.Trace``, in memory) around forward + backward: every module call recorded
 
 Usage: python benchmarks/overhead.py [--rounds 30] [--threads 2]
+       [--device cuda --model gpt2-124m --autocast bf16 --variants baseline,a,b,d]   (issue 17: the GPU check)
+
+``--model gpt2-124m`` is GPT-2 12x768 (vocab 50257, random init from a config; batch 8 x 1024 on CUDA,
+2 x 256 on CPU unless ``--batch``/``--seq``), ``tiny`` a 2x64 GPT-2 (the dry run of benchmarks/gpu_check.sh).
+On CUDA every timed step ends with ``torch.cuda.synchronize()`` (all variants alike), and the forward runs
+under ``--autocast bf16`` when asked.
 """
 
 from __future__ import annotations
@@ -44,11 +50,21 @@ warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def build(seed: int = 0):
+# name -> (n_layer, n_embd, n_head, vocab, positions, {device: (batch, sequence)})
+MODELS = {
+    "ref": (6, 384, 6, 8192, 256, {"cpu": (8, 128), "cuda": (8, 128)}),
+    "gpt2-124m": (12, 768, 12, 50257, 1024, {"cpu": (2, 256), "cuda": (8, 1024)}),
+    "tiny": (2, 64, 2, 512, 128, {"cpu": (2, 32), "cuda": (2, 32)}),
+}
+ALL_VARIANTS = ["baseline", "a", "a0", "am", "b", "b0", "bc", "d", "t"]
+
+
+def build(seed: int = 0, model: str = "ref"):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=6, n_embd=384, n_head=6, vocab_size=8192, n_positions=256,
+    n_layer, n_embd, n_head, vocab, positions, _ = MODELS[model]
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=positions,
                      bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg)
 
@@ -80,8 +96,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", choices=list(MODELS), default="ref")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--seq", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                        help="comma-separated subset of " + ",".join(ALL_VARIANTS) + " (baseline always runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    wanted = {"baseline", *args.variants.split(",")}
+    unknown = wanted - set(ALL_VARIANTS) - {"e"}
+    if unknown:
+        parser.error(f"unknown variants: {sorted(unknown)}")
+    device, cuda = torch.device(args.device), args.device == "cuda"
+    vocab, (batch_n, seq_n) = MODELS[args.model][3], MODELS[args.model][5][args.device]
+    batch_n, seq_n = args.batch or batch_n, args.seq or seq_n
 
     from rich.console import Console
 
@@ -89,31 +119,36 @@ def main() -> None:
     from stethoscope.console import set_console
 
     set_console(Console(file=io.StringIO()))  # keep the benchmark output to the table
-    base = build()
-    variants = {"baseline": base, "a": copy.deepcopy(base), "a0": copy.deepcopy(base), "am": copy.deepcopy(base), "b": copy.deepcopy(base), "b0": copy.deepcopy(base), "bc": copy.deepcopy(base),
-                "d": copy.deepcopy(base), "t": copy.deepcopy(base)}
+    base = build(model=args.model).to(device)
+    variants = {k: (base if k == "baseline" else copy.deepcopy(base)) for k in ALL_VARIANTS if k in wanted}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=3e-4) for k, m in variants.items()}
     tmp = tempfile.mkdtemp(prefix="stethoscope-bench-")
     # One monitor per instrumented model; the schedule decides sampled (b) or not (a).
-    mon_a = st.Monitor(variants["a"], optimizer=opts["a"], run_dir=f"{tmp}/a", schedule=lambda s: False)
-    mon_b = st.Monitor(variants["b"], optimizer=opts["b"], run_dir=f"{tmp}/b", schedule=lambda s: True)
-    # (b0) the same with attention capture off: the monitor core's statistics alone (issue 2's row)
-    mon_b0 = st.Monitor(variants["b0"], optimizer=opts["b0"], run_dir=f"{tmp}/b0", schedule=lambda s: True,
-                        config={"attention": {"capture": "off"}})
-    # (b') the same with the statistics fused by torch.compile (stats.compile: always; compiled in warm-up)
-    mon_bc = st.Monitor(variants["bc"], optimizer=opts["bc"], run_dir=f"{tmp}/bc", schedule=lambda s: True,
-                        config={"stats": {"compile": "always"}})
-    mon_a0 = st.Monitor(variants["a0"], optimizer=opts["a0"], run_dir=f"{tmp}/a0", schedule=lambda s: False,
-                        config={"watchdog": {"enabled": False}})
-    assert mon_a._watchdog is not None and mon_a0._watchdog is None
-    mon_am = st.Monitor(variants["am"], optimizer=opts["am"], run_dir=f"{tmp}/am", schedule=lambda s: False,
-                        config={"memory": {"enabled": False}, "recorder": {"enabled": False}})
-    assert mon_a.extension("memory") is not None and mon_a.extension("recorder") is not None
-    assert mon_am.extension("memory") is None and mon_am.extension("recorder") is None
-    item_hooks(variants["d"])
+    settings = {
+        "a": (False, None),
+        "b": (True, None),
+        # (b0) the same with attention capture off: the monitor core's statistics alone (issue 2's row)
+        "b0": (True, {"attention": {"capture": "off"}}),
+        # (b') the same with the statistics fused by torch.compile (stats.compile: always; compiled in warm-up)
+        "bc": (True, {"stats": {"compile": "always"}}),
+        "a0": (False, {"watchdog": {"enabled": False}}),
+        "am": (False, {"memory": {"enabled": False}, "recorder": {"enabled": False}}),
+    }
+    mons = {k: st.Monitor(variants[k], optimizer=opts[k], run_dir=f"{tmp}/{k}",
+                          schedule=(lambda s: True) if sampled else (lambda s: False), config=config)
+            for k, (sampled, config) in settings.items() if k in variants}
+    if "a" in mons and "a0" in mons:
+        assert mons["a"]._watchdog is not None and mons["a0"]._watchdog is None
+    if "a" in mons and "am" in mons:
+        assert mons["a"].extension("memory") is not None and mons["a"].extension("recorder") is not None
+        assert mons["am"].extension("memory") is None and mons["am"].extension("recorder") is None
+    if "d" in variants:
+        item_hooks(variants["d"])
 
     wandb_run = None
     try:
+        if "e" not in args.variants.split(","):
+            raise ImportError("not asked for")
         import wandb
 
         os.environ["WANDB_MODE"] = "offline"
@@ -126,36 +161,47 @@ def main() -> None:
         pass
 
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 8192, (8, 128), generator=g) for _ in range(4)]
+    batches = [torch.randint(0, vocab, (batch_n, seq_n), generator=g).to(device) for _ in range(4)]
     steps = {k: 0 for k in variants}
+
+    def autocast():
+        if args.autocast == "bf16":
+            return torch.autocast(args.device, dtype=torch.bfloat16)
+        return torch.autocast(args.device, enabled=False)
 
     def run(kind: str, batch: torch.Tensor) -> float:
         model, opt = variants[kind], opts[kind]
         i = steps[kind]
         steps[kind] += 1
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if kind in ("a", "a0", "am", "b", "b0", "bc"):
-            mon = {"a": mon_a, "a0": mon_a0, "am": mon_am, "b": mon_b, "b0": mon_b0, "bc": mon_bc}[kind]
+        if kind in mons:
+            mon = mons[kind]
             with mon.step(i):
-                loss = model(input_ids=batch, labels=batch).loss
+                with autocast():
+                    loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             mon.log(loss=loss)
             mon.flush()
         elif kind == "t":
-            with st.Trace(model):
+            with st.Trace(model), autocast():
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            loss = model(input_ids=batch, labels=batch).loss
+            with autocast():
+                loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             if kind == "e" and wandb_run is not None:
                 wandb_run.log({"loss": float(loss)})
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     kinds = list(variants)
@@ -169,18 +215,17 @@ def main() -> None:
         rng.shuffle(order)
         for k in order:
             times[k].append(run(k, batches[r % len(batches)]))
-    mon_a.close()
-    mon_a0.close()
-    mon_am.close()
-    mon_b.close()
-    mon_b0.close()
-    mon_bc.close()
+    for mon in mons.values():
+        mon.close()
     if wandb_run is not None:
         wandb_run.finish()
 
     base_t = np.array(times["baseline"])
     every = st.Config().sampling.every
-    print(f"workload: GPT-2 6x384, batch 8x128, AdamW, {args.threads} threads, {args.rounds} rounds")
+    n_layer, n_embd = MODELS[args.model][:2]
+    where = torch.cuda.get_device_name(device) if cuda else f"cpu, {args.threads} threads"
+    print(f"workload: GPT-2 {n_layer}x{n_embd} ({args.model}), batch {batch_n}x{seq_n}, AdamW, "
+          f"autocast {args.autocast}, {where}, {args.rounds} rounds")
     print(f"baseline step: median {np.median(base_t) * 1e3:.1f} ms")
     print(f"{'variant':58s} {'median':>7s}  95% CI")
     rows = [
@@ -197,21 +242,26 @@ def main() -> None:
     ratios = {}
     for label, k in rows:
         if k not in times:
-            print(f"{label:58s} skipped (wandb not installed)")
+            if k not in wanted and k != "e":
+                continue
+            print(f"{label:58s} skipped (wandb not installed or not asked for)")
             continue
         ratios[k] = np.array(times[k]) / base_t
         med, lo, hi = bootstrap(ratios[k])
         print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
-    amort = ((every - 1) * ratios["a"] + ratios["b"]) / every
-    med, lo, hi = bootstrap(amort)
-    label = f"(c) default schedule amortized (every={every})"
-    print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
-    med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["a0"]))
-    label = "watchdog on, no stall: (a) / (a0) step time"
-    print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
-    med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["am"]))
-    label = "memory monitor + recorder on, unsampled: (a) / (am)"
-    print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
+    if "a" in ratios and "b" in ratios:
+        amort = ((every - 1) * ratios["a"] + ratios["b"]) / every
+        med, lo, hi = bootstrap(amort)
+        label = f"(c) default schedule amortized (every={every})"
+        print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
+    if "a" in times and "a0" in times:
+        med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["a0"]))
+        label = "watchdog on, no stall: (a) / (a0) step time"
+        print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
+    if "a" in times and "am" in times:
+        med, lo, hi = bootstrap(np.array(times["a"]) / np.array(times["am"]))
+        label = "memory monitor + recorder on, unsampled: (a) / (am)"
+        print(f"{label:58s} {med:7.3f}  [{lo:.3f}, {hi:.3f}]")
 
 
 if __name__ == "__main__":
