@@ -27,6 +27,7 @@ What counts as sharded (:func:`watched_parameters`):
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -97,12 +98,10 @@ def _dtensor_groups(p: torch.Tensor) -> tuple | None:
 def _fsdp1_layout(model: nn.Module) -> dict[int, list[ShardedParam]]:
     """id(parameter) -> its ShardedParams, for every FSDP1 unit in ``model`` (empty without FSDP1)."""
     out: dict[int, list[ShardedParam]] = {}
-    if not torch.distributed.is_available():
-        return out
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-    except Exception:  # pragma: no cover - builds without FSDP1
-        return out
+    if not torch.distributed.is_available() or "torch.distributed.fsdp" not in sys.modules:
+        return out  # a model wrapped in FSDP1 has imported it: no import cost for everyone else
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
     flat_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
     for unit in model.modules():
         handle = getattr(unit, "_handle", None) if isinstance(unit, FSDP) else None
