@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from stethoscope.perf.phases import PHASES
 from stethoscope.report.model import Plot, Section, Table, fmt
 from stethoscope.report.registry import register_section
 
@@ -15,7 +14,10 @@ def step_time(run) -> Section | None:
     df = run.metrics_of("perf")
     if df.empty or "total_ms" not in df or "steps" not in df:
         return None
-    cols = [f"{p}_ms" for p in PHASES if f"{p}_ms" in df]
+    # the phase columns of the perf rows, in the order they were written (docs/run-directory.md): not the total,
+    # the device-side timings or the monitor's estimated share
+    cols = [c for c in df.columns if c.endswith("_ms") and c not in ("total_ms", "monitor_estimated_ms")
+            and not c.startswith("device_")]
     ranks = sorted(int(r) for r in df["rank"].dropna().unique()) if "rank" in df and df["rank"].notna().any() else [None]
     rows, means = [], {}
     for r in ranks:

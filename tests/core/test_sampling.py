@@ -114,8 +114,9 @@ def test_unsampled_steps_write_no_act_or_grad_rows(tiny_mlp, run_dir):
     for kind in ("act", "grad", "update", "input"):
         assert set(rows(path, kind)["step"]) == {2}, kind
     metrics = st.load_run(path).metrics
-    # scalars, and the memory monitor's rows (every memory.every steps, sampled or not: docs/memory.md)
-    assert set(metrics[metrics["step"] != 2]["kind"]) == {"scalar", "memory"}
+    # scalars, the memory monitor's rows (every memory.every steps, sampled or not: docs/memory.md) and the step
+    # time breakdown's (every perf.every steps: docs/perf.md) — host-side readings, no tensor statistics
+    assert set(metrics[metrics["step"] != 2]["kind"]) == {"scalar", "memory", "perf"}
 
 
 def test_spike_detector_state_round_trip():

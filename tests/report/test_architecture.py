@@ -179,7 +179,7 @@ def test_sections_import_only_the_model_and_the_registry():
 
 def test_every_section_module_registers_a_section_in_page_order():
     names = [b.name for b in registry.section_builders()]
-    assert names[:10] == [
+    assert names[:11] == [
         "dumps",
         "preflight",
         "training",
@@ -189,6 +189,7 @@ def test_every_section_module_registers_a_section_in_page_order():
         "attention",
         "moe",
         "memory",
+        "perf",
         "timing",
     ]
     modules = {b.build.__module__ for b in registry.section_builders()}
