@@ -64,7 +64,10 @@ def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tens
     i = torch.arange(q0, q1, device=device)[:, None]  # (Bq, 1) query positions
     j = torch.arange(k0, k1, device=device)[None, :]  # (1, Bk) key positions
     additive = blocked = None
-    if mask4 is not None:
+    if call.mask_tiles is not None:  # flex BlockMask, FlashAttention's padding / packing / window: this tile only
+        allowed = call.mask_tiles.tile(q0, q1, k0, k1, device)  # (B|1, nh|1, Bq, Bk)
+        blocked = ~allowed
+    elif mask4 is not None:
         m = _rows(mask4, q0, q1)[..., k0:k1].to(device)  # (B|1, nh|1, Bq|1, Bk)
         if m.dtype == torch.bool:
             blocked, allowed = ~m, m

@@ -8,7 +8,10 @@ Three sources, one record (:class:`AttentionCall`) handed to whoever listens:
   queries, keys, values, the mask as given, scaling, the output and any weights it returned — to its
   listeners; it points each config at that name and restores the original on :meth:`HFCapture.remove`. The
   mask builder gets the original implementation's mask function under the new name, so the model builds the
-  very same mask. ``flash_attention_*``, ``flex_attention`` and ``paged|*`` are left alone (see
+  very same mask. Flex attention, the FlashAttention kernels and hub kernels (``flash_attention_*``,
+  ``flex_attention``, names with a ``/``) keep their name, because transformers reads it elsewhere (the mask
+  format, padding-free paths, which kernel to load): the same wrapper replaces their entry in the interface
+  instead, and passes every module it does not watch straight through. ``paged|*`` is left alone (see
   docs/attention.md).
 * **Modules that keep their weights**: a module with ``keep_attn`` and ``last_attn`` attributes (the demo's
   ``CausalSelfAttention``) stores its probabilities when ``keep_attn`` is on.
@@ -31,13 +34,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from stethoscope.attention.masks import BlockMaskTiles, TileMask, VarlenTiles
 from stethoscope.hooks import is_compiling
 
 PREFIX = "stethoscope_"
-# Implementations that are wrapped: the ones whose kernels are plain (eager, SDPA) or user-registered.
-# Flash and flex kernels read the implementation name in several places of transformers (padding-free
-# paths, mask formats), so renaming them could change the computation; they are left alone.
-_NOT_WRAPPED = re.compile(r"^(flash_attention|flex_attention|paged\||kernels-community/)|/")
+# Paged attention reads a cache, not the keys it is given: not captured.
+_NOT_WRAPPED = re.compile(r"^paged\|")
+# Flash and flex kernels (and hub kernels) are captured under their own name: transformers reads the name in
+# several places (mask format, padding-free paths, which flash package to load), so it must not change.
+_IN_PLACE = re.compile(r"flash|flex|/")
 
 
 @dataclass
@@ -58,6 +63,9 @@ class AttentionCall:
         weights_pre_dropout: ``weights`` are the probabilities before dropout (eval, or no dropout).
         softcap, position_bias: score transforms some families apply before the mask.
         implementation: the original implementation's name (``sdpa``, ``eager``, ``module`` ...).
+        mask_tiles: the mask of a kernel that takes none as a (B, nh, Tq, Tk) tensor — a flex ``BlockMask``, or
+            what a FlashAttention kernel derives from padding, packed sequences, causality and its window —
+            evaluated one tile at a time (:mod:`stethoscope.attention.masks`); ``mask`` is None then.
         rerun: calls the original implementation again without dropout and returns its weights (eager
             capture when dropout was on); None when not possible.
     """
@@ -77,6 +85,7 @@ class AttentionCall:
     position_bias: torch.Tensor | None = None
     implementation: str = "module"
     rerun: Callable[[], torch.Tensor | None] | None = None
+    mask_tiles: TileMask | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -113,11 +122,11 @@ def original_function(module: nn.Module, implementation: str) -> Callable | None
         return None
 
 
-def _wrapper(implementation: str) -> Callable:
-    """The function registered as ``stethoscope_<implementation>``."""
+def _wrapper(implementation: str, original: Callable | None = None) -> Callable:
+    """The function registered as ``stethoscope_<implementation>``, or in place of ``original`` (flash, flex)."""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        fn = original_function(module, implementation)
+        fn = original if original is not None else original_function(module, implementation)
         if fn is None:  # pragma: no cover - checked when the capture was installed
             raise RuntimeError(f"stethoscope: no original attention function for {implementation!r}")
         out = fn(module, query, key, value, attention_mask, *args, **kwargs)
@@ -134,6 +143,51 @@ def _wrapper(implementation: str) -> Callable:
     attention.__name__ = f"stethoscope_{implementation}_attention"
     attention.__qualname__ = attention.__name__
     return attention
+
+
+# (id(mapping), name) -> [mapping, original function, wrapper, captures using it]
+_SWAPPED: dict[tuple[int, str], list] = {}
+
+
+def _swap_in(module: nn.Module, implementation: str) -> tuple[int, str] | None:
+    """Put the wrapper in place of ``implementation`` in the interface ``module``'s family uses, keeping the name.
+
+    The entry is replaced where the family finds it (a local override of its modeling file's interface, else the
+    global mapping) and shared by every capture; modules nobody watches go straight to the original.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    interface = getattr(_modeling_module(module), "ALL_ATTENTION_FUNCTIONS", None) or ALL_ATTENTION_FUNCTIONS
+    local = getattr(interface, "_local_mapping", {})
+    mapping = local if implementation in local else getattr(interface, "_global_mapping", {})
+    if implementation not in mapping:
+        return None
+    key = (id(mapping), implementation)
+    entry = _SWAPPED.get(key)
+    if entry is None:
+        original = mapping[implementation]
+        wrapper = _wrapper(implementation, original)
+        mapping[implementation] = wrapper
+        entry = _SWAPPED[key] = [mapping, original, wrapper, 0]
+    entry[3] += 1
+    return key
+
+
+def _swap_out(key: tuple[int, str]) -> None:
+    """One capture less; the last one puts the original function back (unless someone replaced it since)."""
+    entry = _SWAPPED.get(key)
+    if entry is None:
+        return
+    entry[3] -= 1
+    if entry[3] <= 0:
+        mapping, original, wrapper, _ = entry
+        if mapping.get(key[1]) is wrapper:
+            mapping[key[1]] = original
+        del _SWAPPED[key]
+
+
+def _is_block_mask(mask: Any) -> bool:
+    return hasattr(mask, "mask_mod") and hasattr(mask, "kv_num_blocks")
 
 
 def _register(implementation: str) -> str:
@@ -164,6 +218,28 @@ def _hf_call(name, module, implementation, fn, query, key, value, mask, args, kw
     causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
     weights = out[1] if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor) else None
     pre_dropout = dropout == 0.0 or not module.training
+    # SDPA (and implementations like it) apply `is_causal` themselves when no mask is given; eager does not
+    implicit_causal = implementation != "eager" and causal
+    tiles = None
+    if _IN_PLACE.search(implementation):
+        weights = None  # flex returns the log-sum-exp there (on GPU), flash nothing: never probabilities
+        pre_dropout = True  # the statistics are recomputed before dropout anyway
+        b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+        if "flex" in implementation:
+            implicit_causal = False  # flex applies the mask it is given and nothing else
+            if _is_block_mask(mask):
+                tiles = BlockMaskTiles(mask, torch.arange(b, device=query.device))
+                mask = None
+            elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                mask = mask[:, :1].float()  # flex adds head 0 of a tensor mask as a score bias (a bool one too)
+        elif mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            # FlashAttention: padding, packed sequences, causality and the window are the kernel's arguments
+            tiles = VarlenTiles.build(tq, tk, query.device, causal, kwargs.get("sliding_window"), attention_mask=mask,
+                                      position_ids=kwargs.get("position_ids"),
+                                      cu_seqlens_q=kwargs.get("cu_seq_lens_q"),
+                                      cu_seqlens_k=kwargs.get("cu_seq_lens_k"), batch=b)
+            mask = None
+            implicit_causal = False
 
     def rerun() -> torch.Tensor | None:
         kw = dict(kwargs)
@@ -181,14 +257,14 @@ def _hf_call(name, module, implementation, fn, query, key, value, mask, args, kw
         mask=mask,
         scaling=float(scaling),
         causal=causal,
-        # SDPA (and implementations like it) apply `is_causal` themselves when no mask is given; eager does not
-        implicit_causal=implementation != "eager" and causal,
+        implicit_causal=implicit_causal,
         weights=weights,
         weights_pre_dropout=pre_dropout,
         softcap=kwargs.get("softcap"),
         position_bias=kwargs.get("position_bias"),
         implementation=implementation,
         rerun=None if pre_dropout else rerun,
+        mask_tiles=tiles,
     )
 
 
@@ -238,6 +314,7 @@ class HFCapture:
         self.listeners: list[Listener] = []
         self._restore: list[tuple[Any, str]] = []  # (config, original _attn_implementation_internal)
         self._watched: list[weakref.ref] = []
+        self._swapped: list[tuple[int, str]] = []  # interface entries replaced in place
         self.implementations: dict[str, str] = {}
         configs = _configs(model)
         samples: dict[int, nn.Module] = {}  # config id -> one module reading it (to find its family's eager)
@@ -252,12 +329,21 @@ class HFCapture:
             original = current[len(PREFIX):] if current.startswith(PREFIX) else current
             wanted = "eager" if eager else original
             if _NOT_WRAPPED.search(wanted):
-                self.implementations[original] = f"not captured: {wanted} kernels are left alone"
+                self.implementations[original] = (f"not captured: {wanted} reads its keys from a paged cache, "
+                                                  "not from the call")
+                continue
+            sample = samples.get(id(cfg))
+            if _IN_PLACE.search(wanted):
+                key = _swap_in(sample, wanted) if sample is not None else None
+                if key is None:
+                    self.implementations[original] = f"not captured: no {wanted!r} in the attention interface"
+                    continue
+                self._swapped.append(key)
+                self.implementations[original] = "wrapped"
                 continue
             if wanted == "eager" and getattr(cfg, "reorder_and_upcast_attn", False):
                 self.implementations[original] = "not captured: GPT-2's reorder_and_upcast_attn path is eager-only"
                 continue
-            sample = samples.get(id(cfg))
             if wanted == "eager" and sample is not None and original_function(sample, "eager") is None:
                 self.implementations[original] = "not captured: the model's file has no eager_attention_forward"
                 continue
@@ -286,6 +372,9 @@ class HFCapture:
         for cfg, value in reversed(self._restore):
             cfg._attn_implementation_internal = value
         self._restore = []
+        for key in self._swapped:
+            _swap_out(key)
+        self._swapped = []
         for ref in self._watched:
             module = ref()
             if module is None:

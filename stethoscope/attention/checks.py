@@ -78,7 +78,9 @@ def allowed_keys(call: AttentionCall, tq: int, tk: int, device: torch.device) ->
     A causal module never may see a future key, whatever its mask says: that is the invariant checked.
     """
     mask = call.mask
-    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+    if call.mask_tiles is not None:  # a kernel's own mask (flex, flash): the whole grid as one tile
+        allowed = call.mask_tiles.tile(0, tq, 0, tk, device)
+    elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = mask[..., -tq:, :tk] if mask.shape[-2] >= tq else mask[..., :tk]
         allowed = mask if mask.dtype == torch.bool else mask > MASKED_BELOW
     elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= tk:
@@ -111,6 +113,9 @@ def masked_scores(call: AttentionCall, s: torch.Tensor, inplace: bool = False) -
     """
     tq, tk = s.shape[-2:]
     mask = call.mask
+    if call.mask_tiles is not None:
+        blocked = ~call.mask_tiles.tile(0, tq, 0, tk, s.device)
+        return s.masked_fill_(blocked, float("-inf")) if inplace else s.masked_fill(blocked, float("-inf"))
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = mask[..., :tk].to(s.device)
         inplace = inplace and torch.broadcast_shapes(mask.shape, s.shape) == s.shape
@@ -169,7 +174,8 @@ def select_sequences(call: AttentionCall, probs: torch.Tensor | None, index: tor
 
     part = AttentionCall(**{**call.__dict__, "query": take(call.query), "key": take(call.key),
                             "value": None, "mask": take(call.mask), "position_bias": take(call.position_bias),
-                            "weights": None})
+                            "weights": None,
+                            "mask_tiles": call.mask_tiles.select(index) if call.mask_tiles is not None else None})
     return part, take(probs), *(take(t) for t in others)
 
 
@@ -191,6 +197,8 @@ def _chunks(call: AttentionCall, probs: torch.Tensor | None):
                 part.mask = call.mask[sl]
             if isinstance(call.position_bias, torch.Tensor) and call.position_bias.shape[0] == b:
                 part.position_bias = call.position_bias[sl]
+            if call.mask_tiles is not None:
+                part.mask_tiles = call.mask_tiles.select(torch.arange(sl.start, sl.stop))
             yield sl, recompute(part)
 
 
