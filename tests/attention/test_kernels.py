@@ -146,17 +146,29 @@ def mistral_window(**kw):
     return MistralForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+def _packed() -> tuple[dict, None]:
+    """Three sequences (5, 4, 3 tokens) packed in one row, told apart by position_ids restarting at 0."""
+    pos = torch.cat([torch.arange(n) for n in (5, 4, 3)])[None]  # (1, 12)
+    ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    return {"input_ids": ids, "position_ids": pos, "use_cache": False}, None  # no cache: packing is read
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "llama-packed"])
 def test_flex_blocked_statistics_equal_eager(family, eager_flex):
-    """Llama (rotary, 4 query heads on 2 kv heads, causal BlockMask with padding) and Mistral (sliding window of
-    4): the BlockMask's mask_mod, evaluated per tile, reproduces eager's 4-D mask."""
-    model = (llama_gqa if family == "llama" else mistral_window)(attn_implementation="eager").eval()
-    ids, mask = padded_batch()
-    pad = mask == 0
-    eager_calls, eager_out = _captured(model, "eager", input_ids=ids, attention_mask=mask)
-    flex_calls, flex_out = _captured(model, "flex_attention", input_ids=ids, attention_mask=mask)
+    """Llama (rotary, 4 query heads on 2 kv heads, causal BlockMask with padding, or packed sequences) and
+    Mistral (sliding window of 4): the BlockMask's mask_mod, evaluated per tile, reproduces eager's 4-D mask."""
+    model = (mistral_window if family == "mistral" else llama_gqa)(attn_implementation="eager").eval()
+    if family == "llama-packed":
+        inputs, pad = _packed()
+    else:
+        ids, mask = padded_batch()
+        inputs, pad = {"input_ids": ids, "attention_mask": mask}, mask == 0
+    ids = inputs["input_ids"]
+    eager_calls, eager_out = _captured(model, "eager", **inputs)
+    flex_calls, flex_out = _captured(model, "flex_attention", **inputs)
     assert isinstance(flex_calls[0].mask_tiles, BlockMaskTiles) and flex_calls[0].key.shape[1] == 2
-    torch.testing.assert_close(flex_out[~pad], eager_out[~pad], atol=1e-5, rtol=1e-5)
+    keep = ~pad if pad is not None else torch.ones(1, 12, dtype=torch.bool)
+    torch.testing.assert_close(flex_out[keep], eager_out[keep], atol=1e-5, rtol=1e-5)
     assert _compare(flex_calls, eager_calls, pad, ids) < 2e-5
 
 
@@ -205,11 +217,8 @@ def test_flash_blocked_statistics_equal_eager(case, fake_flash):
         inputs = {"input_ids": ids, "attention_mask": mask}
         pad = mask == 0
     else:
-        lengths = [5, 4, 3]
-        pos = torch.cat([torch.arange(n) for n in lengths])[None]  # (1, 12) three sequences packed in one row
-        ids = torch.randint(1, 128, (1, 12), generator=torch.Generator().manual_seed(3))
-        inputs = {"input_ids": ids, "position_ids": pos, "use_cache": False}  # no cache: packing is read
-        pad = None
+        inputs, pad = _packed()
+        ids = inputs["input_ids"]
     eager_calls, eager_out = _captured(model, "eager", **inputs)
     if case == "cu-seqlens":
         cu = torch.tensor([0, 5, 9, 12], dtype=torch.int32)
