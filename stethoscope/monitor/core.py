@@ -367,6 +367,7 @@ class Monitor:
             "epoch": self._epoch,
             **self._pipeline.state_dict(),
             "findings": self.findings.state_dict(),
+            "gradients": self._gradients.state_dict(),
             "rules": {getattr(r, "name", type(r).__name__): r.state_dict() for r in self._rules},
             "extensions": {e.name: e.state_dict() for e in self._extensions},
         }
@@ -378,6 +379,7 @@ class Monitor:
         self._epoch = state.get("epoch")
         self._pipeline.load_state_dict(state)
         self.findings.load_state_dict(state.get("findings", {}))
+        self._gradients.load_state_dict(state.get("gradients", {}))
         rule_states = state.get("rules", {})
         for rule in self._rules:
             key = getattr(rule, "name", type(rule).__name__)

@@ -142,6 +142,14 @@ class GradientReader:
         self.active = False
 
     # ------------------------------------------------------------------ gradients
+    def state_dict(self) -> dict:
+        """Where each device's update-ratio round-robin stands, so a resumed run goes on measuring the
+        parameters it had not reached instead of starting again at the first."""
+        return {"update_cursor": {str(device): i for device, i in self._cursor.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._cursor = {torch.device(d): int(i) for d, i in state.get("update_cursor", {}).items()}
+
     def _inverse_scale(self) -> torch.Tensor | None:
         """1/scale when a GradScaler is in use and has not unscaled this optimizer's grads yet."""
         scaler = self.scaler

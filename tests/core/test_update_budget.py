@@ -144,3 +144,28 @@ def test_zero_initialised_detection_uses_the_weight_norm_of_an_unmeasured_step()
     rule, events = make(updates.UpdateRatio, ADAM, smoothing=1)
     feed(rule, unmeasured(0, weight_norm=0.0), upd_step(1, 50.0, weight_norm=0.01))
     assert events == []  # it started at zero: Adam's fixed step against a tiny norm is normal
+
+
+def test_a_resumed_run_goes_on_where_the_round_robin_stood(run_dir, tiny_mlp):
+    """Budget 0: one parameter per sampled step. Two steps measure 0.weight, 0.bias; after resume=True the
+    next one is 2.weight, not 0.weight again (state.json carries the position)."""
+    path = run_dir()
+    opt = torch.optim.Adam(tiny_mlp.parameters(), lr=1e-2)
+    cfg = quiet_config(stats={"update_budget_mb": 0.0})
+    mon = st.Monitor(tiny_mlp, opt, run_dir=path, config=cfg)
+    for step in range(2):
+        x, y = batch(step)
+        with mon.step(step):
+            (tiny_mlp(x) - y).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    mon.close()
+    mon = st.Monitor(tiny_mlp, opt, run_dir=path, config=cfg, resume=True)
+    x, y = batch(2)
+    with mon.step(2):
+        (tiny_mlp(x) - y).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    up = rows(path, "update")
+    assert [list(up[up["step"] == s]["name"]) for s in range(3)] == [["0.weight"], ["0.bias"], ["2.weight"]]
