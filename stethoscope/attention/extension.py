@@ -55,7 +55,8 @@ def extension(run: Any) -> AttentionExtension | None:
     if model is None:
         return None
     ext = AttentionExtension(run, model)
-    return ext if ext.watching else None
+    # kept, without hooks, when it found attention it cannot capture: monitor.unobserved reports it from here
+    return ext if ext.watching or ext.not_captured else None
 
 
 class AttentionExtension(Extension):
@@ -117,10 +118,16 @@ class AttentionExtension(Extension):
                 self._hooks.forward(module, self._make_module_hook(name, kept=False))
                 module_hooks += 1
         self.watching = self._hf is not None or module_hooks > 0
+        self._rules = []
         if not self.watching:
             self.detach()
             return
         self._rules = self._build_rules(run, cfg)
+
+    @property
+    def not_captured(self) -> dict[str, str]:
+        """Implementation name -> why its attention is not captured (``paged|eager``: no q and k to read)."""
+        return {k: v for k, v in self.implementations.items() if v.startswith("not captured")}
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod

@@ -277,3 +277,31 @@ def test_paged_attention_is_still_said_not_captured():
         assert capture.implementations["paged|eager"].startswith("not captured") and not capture.active
     finally:
         capture.remove()
+
+
+def test_a_model_whose_attention_is_all_uncaptured_says_so(tmp_path):
+    """With every layer on a paged kernel nothing is hooked, yet monitor.unobserved must still say attention
+    was not captured (the extension stays, without hooks, to tell coverage)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    name = "paged|stethoscope-test"
+    AttentionInterface.register(name, sdpa_attention_forward)
+    try:
+        model = llama_gqa(attn_implementation="eager")
+        model.config._attn_implementation_internal = name
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        with st.Monitor(model, opt, run_dir=tmp_path / "run", config=QUIET) as mon:
+            attention = mon.extension("attention")
+            assert not attention.watching and list(attention.not_captured) == [name]
+            for step in range(2):
+                ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(step))
+                with mon.step(step):
+                    model(input_ids=ids, labels=ids).loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+    finally:
+        AttentionInterface._global_mapping.pop(name, None)
+    unobserved = [f for f in st.load_run(tmp_path / "run").findings if f.code == "monitor.unobserved"]
+    assert len(unobserved) == 1 and f"attention not captured: {name}" in unobserved[0].message
+    assert not any(r == "attn" for r in st.load_run(tmp_path / "run").metrics["kind"])
