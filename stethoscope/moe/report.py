@@ -38,12 +38,16 @@ def moe(run: Run) -> Section | None:
     logits = run.metrics_of("logits")
     if moe_rows.empty and logits.empty:
         return None
-    section = Section(
-        "moe",
-        "Routing and output logits",
-        "Tokens per expert in each mixture-of-experts layer (1 = the mean load; 0 = a dead expert), the routers' "
-        "entropy and log Z, and the LM head's logit level (softmax ignores it, so it can drift: z-loss pins it).",
-    )
+    logit_text = "the LM head's logit level (softmax ignores it, so it can drift: z-loss pins it)"
+    if moe_rows.empty:  # a dense model: only the output logits, and no word about experts it does not have
+        section = Section("moe", "Output logits", logit_text[0].upper() + logit_text[1:] + ".")
+    else:
+        section = Section(
+            "moe",
+            "Routing and output logits",
+            "Tokens per expert in each mixture-of-experts layer (1 = the mean load; 0 = a dead expert), the "
+            f"routers' entropy and log Z, and {logit_text}.",
+        )
     if not moe_rows.empty and "load" in moe_rows:
         moe_rows = numeric_steps(moe_rows)
         matrix, layers, width, last = _loads(moe_rows)

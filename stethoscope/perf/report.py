@@ -40,5 +40,6 @@ def step_time(run) -> Section | None:
                    {"labels": names[::-1], "values": np.array([m[c] for c in cols][::-1]), "xlabel": "ms per step"})
               for r, m in means.items()]
     section.plots.append(Plot("perf", "Time per phase", "bars", panels[0].data, panels=panels if len(panels) > 1 else []))
-    section.tables.append(Table(["", *names, "step"], rows))
+    # each cell: mean ms per step (share of the step); the last column is the whole step, in ms
+    section.tables.append(Table(["", *[f"{n} ms" for n in names], "whole step ms"], rows))
     return section

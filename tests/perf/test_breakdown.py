@@ -172,7 +172,8 @@ def test_input_bound_names_the_data_wait_and_its_twin_is_silent(tmp_path):
 
     section = step_time(run)
     [table] = section.tables
-    assert table.columns[1:3] == ["data", "forward"] and table.rows[0][0] == "all steps"
+    assert table.columns[1:3] == ["data ms", "forward ms"] and table.columns[-1] == "whole step ms"
+    assert table.rows[0][0] == "all steps"
 
 
 def test_monitor_overhead_says_so_and_its_twin_is_silent(tmp_path):
