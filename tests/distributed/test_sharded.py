@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
+from tests._ranks import launch_ranks
+
 WORKER = Path(__file__).with_name("sharded_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ("fsdp2", "hsdp", "fsdp1_orig", "fsdp1_flat", "ddp_nosync")
 NAMES = {"embed.weight", "embed.bias", "norm.weight", "norm.bias", "block.weight", "block.bias", "head.weight",
          "head.bias"}
@@ -31,35 +28,11 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available in this build")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """Both ranks run every scenario in one process group (one torch start-up per rank)."""
     out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("STETHOSCOPE_DISABLE", None)
-    port = str(_free_port())
-    logs = [out / f"rank{r}.log" for r in range(2)]
-    procs = []
-    for r in range(2):
-        with open(logs[r], "w") as fh:  # files, not pipes: a full pipe would block a rank
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(r), "2", port, str(out), *SCENARIOS],
-                                          stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)))
-    try:
-        for p in procs:
-            p.wait(timeout=150)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r].read_text()[-3000:]}"
+    launch_ranks(WORKER, 2, out, *SCENARIOS)
     return out
 
 

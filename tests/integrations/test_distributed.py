@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,39 +17,16 @@ from stethoscope.distributed.heartbeats import BACKWARD, RankHeartbeats, activit
 from stethoscope.distributed.merge import merge_ranks
 from stethoscope.integrations._driver import pick_run_dir
 from stethoscope.stats import finalize, tensor_stats
+from tests._ranks import launch_ranks
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     """Two DDP ranks (gloo) trained 4 steps; rank 1 sleeps 3 s inside `block` at step 2."""
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("STETHOSCOPE_DISABLE", None)
-    logs = [run_dir.parent / f"rank{r}.log" for r in range(2)]
-    procs = []
-    for r in range(2):
-        with open(logs[r], "w") as fh:  # files, not pipes: a full pipe would block a rank
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(r), "2", port, str(run_dir)],
-                                          stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)))
-    try:
-        for p in procs:
-            p.wait(timeout=120)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r].read_text()[-3000:]}"
+    launch_ranks(WORKER, 2, run_dir, logs=run_dir.parent, timeout=120)
     return run_dir
 
 

@@ -4,50 +4,24 @@ wait in. One set of four processes runs all three (tests/perf/straggler_worker.p
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 import stethoscope as st
+from tests._ranks import launch_ranks
 
 WORKER = Path(__file__).with_name("straggler_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
 WORLD = 4
 sys.path.insert(0, str(Path(__file__).parent))
 import straggler_worker as W  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stragglers")
-    port = str(_free_port())
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("STETHOSCOPE_DISABLE", None)
-    logs = [out / f"rank{r}.log" for r in range(WORLD)]
-    procs = []
-    for r in range(WORLD):
-        with open(logs[r], "w") as fh:  # files, not pipes: a full pipe would block a rank
-            procs.append(subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), port, str(out)],
-                                          stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)))
-    try:
-        for p in procs:
-            p.wait(timeout=150)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r].read_text()[-3000:]}"
+    launch_ranks(WORKER, WORLD, out)
     return out
 
 
