@@ -105,22 +105,25 @@ def default_loss(output: Any) -> torch.Tensor:
                        "grad; pass loss_fn=")
 
 
-class _Recorder:
-    """Model A's side: every call's input and output leaves into the store, in finishing order."""
+class _CallHooks:
+    """Pre/post hook builders that pair each call's entry with its exit: ``enter`` runs at the pre-hook (its
+    result is kept on a per-module stack, so a module re-entered before it returns pairs correctly) and
+    ``exit`` at the post-hook with the call's index among that module's finished calls."""
 
-    def __init__(self, store: ReferenceStore):
-        self.store = store
-        self.calls: dict[tuple[str, int], dict] = {}  # (name, call) -> {"cls", "in": [...], "out": [...]}
-        self.order: list[tuple[str, int]] = []
+    def __init__(self) -> None:
         self.count: dict[str, int] = {}
-        self.pending: dict[str, list] = {}  # name -> stack of input leaves (re-entrant calls)
+        self.pending: dict[str, list] = {}  # name -> stack of what ``enter`` returned (re-entrant calls)
+
+    def enter(self, name: str, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError
+
+    def exit(self, name: str, call: int, entered: Any, module: nn.Module, output: Any) -> None:
+        raise NotImplementedError
 
     def pre(self, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if is_compiling():
-                return
-            leaves = [(p, self.store.put(t)) for p, t in input_leaves(args, kwargs)]
-            self.pending.setdefault(name, []).append(leaves)
+            if not is_compiling():
+                self.pending.setdefault(name, []).append(self.enter(name, args, kwargs))
         return hook
 
     def post(self, name: str) -> Callable:
@@ -129,68 +132,69 @@ class _Recorder:
                 return
             call = self.count.get(name, 0)
             self.count[name] = call + 1
-            stack = self.pending.get(name) or [[]]
-            ins = stack.pop() if stack else []
-            outs = [(p, self.store.put(t), shape_of(t), dims(t)) for p, t in tensor_leaves(output)]
-            self.calls[(name, call)] = {"cls": type(module).__name__, "in": ins, "out": outs}
-            self.order.append((name, call))
+            stack = self.pending.get(name)
+            self.exit(name, call, stack.pop() if stack else None, module, output)
         return hook
 
 
-class _Comparer:
+class _Recorder(_CallHooks):
+    """Model A's side: every call's input and output leaves into the store, in finishing order."""
+
+    def __init__(self, store: ReferenceStore):
+        super().__init__()
+        self.store = store
+        self.calls: dict[tuple[str, int], dict] = {}  # (name, call) -> {"cls", "in": [...], "out": [...]}
+        self.order: list[tuple[str, int]] = []
+
+    def enter(self, name: str, args: tuple, kwargs: dict) -> list:
+        return [(p, self.store.put(t)) for p, t in input_leaves(args, kwargs)]
+
+    def exit(self, name: str, call: int, entered: Any, module: nn.Module, output: Any) -> None:
+        outs = [(p, self.store.put(t), shape_of(t), dims(t)) for p, t in tensor_leaves(output)]
+        self.calls[(name, call)] = {"cls": type(module).__name__, "in": entered or [], "out": outs}
+        self.order.append((name, call))
+
+
+class _Comparer(_CallHooks):
     """Model B's side: each call compared with A's matching call as it finishes; A's copies freed after."""
 
     def __init__(self, ref: _Recorder, key_of: Callable[[str, int], tuple[str, int] | None], factor: float,
                  progress: Callable[[], None]):
+        super().__init__()
         self.ref, self.key_of, self.factor, self.advance = ref, key_of, factor, progress
-        self.count: dict[str, int] = {}
         self.rows: list[ModuleDiff] = []
-        self.pending: dict[str, list] = {}
         self.unmatched: list[str] = []
 
-    def pre(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if is_compiling():
-                return
-            call = self.count.get(name, 0)  # the index this call will get when it finishes
-            depth = sum(1 for _ in self.pending.get(name, []))
-            key = self.key_of(name, call + depth)
-            err = None
-            if key is not None and key in self.ref.calls:
-                stored = dict(self.ref.calls[key]["in"])
-                errors = []
-                for p, t in input_leaves(args, kwargs):
-                    if p in stored:
-                        a = self.ref.store.get(stored[p])
-                        if a.shape == t.shape:  # a shape change is reported where it is born, at an output
-                            errors.append(pair_error(a, t, self.factor))
-                err = worst(errors)
-            self.pending.setdefault(name, []).append(err)
-        return hook
+    def enter(self, name: str, args: tuple, kwargs: dict) -> PairError | None:
+        """The error of this call's inputs against A's (None when A has no matching call)."""
+        call = self.count.get(name, 0)  # the index this call will get when it finishes
+        key = self.key_of(name, call + len(self.pending.get(name, [])))
+        if key is None or key not in self.ref.calls:
+            return None
+        stored = dict(self.ref.calls[key]["in"])
+        errors = []
+        for p, t in input_leaves(args, kwargs):
+            if p in stored:
+                a = self.ref.store.get(stored[p])
+                if a.shape == t.shape:  # a shape change is reported where it is born, at an output
+                    errors.append(pair_error(a, t, self.factor))
+        return worst(errors)
 
-    def post(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if is_compiling():
-                return
-            call = self.count.get(name, 0)
-            self.count[name] = call + 1
-            stack = self.pending.get(name) or [None]
-            in_err = stack.pop() if stack else None
-            key = self.key_of(name, call)
-            if key is None or key not in self.ref.calls:
-                self.unmatched.append(name if call == 0 else f"{name} (call {call})")
-                return
-            rec = self.ref.calls.pop(key)
-            try:
-                self.rows.append(self._row(name, call, key, rec, module, output, in_err))
-            finally:
-                store = self.ref.store
-                for _, blob in rec["in"]:
-                    store.release(blob)
-                for _, blob, *_ in rec["out"]:
-                    store.release(blob)
-                self.advance()
-        return hook
+    def exit(self, name: str, call: int, entered: Any, module: nn.Module, output: Any) -> None:
+        key = self.key_of(name, call)
+        if key is None or key not in self.ref.calls:
+            self.unmatched.append(name if call == 0 else f"{name} (call {call})")
+            return
+        rec = self.ref.calls.pop(key)
+        try:
+            self.rows.append(self._row(name, call, key, rec, module, output, entered))
+        finally:
+            store = self.ref.store
+            for _, blob in rec["in"]:
+                store.release(blob)
+            for _, blob, *_ in rec["out"]:
+                store.release(blob)
+            self.advance()
 
     def _row(self, name_b: str, call: int, key: tuple[str, int], rec: dict, module: nn.Module, output: Any,
              in_err: PairError | None) -> ModuleDiff:
