@@ -160,7 +160,7 @@ class InvariantRule(AttentionRule):
             message=lambda: inv.message.format(
                 name=m.name, worst=worst, head=head, heads=_heads(bad), method=m.method
             ),
-            hint=H.hint(inv.code),
+            hint=lambda: H.hint(inv.code),
             data={"heads": bad, "worst_head": head, "method": m.method},
         )
 
@@ -201,7 +201,7 @@ class EntropyCollapse(AttentionRule):
                 f"{_heads(collapsed)}) put >= {0.99:.0%} of every row's attention on a single key; lowest "
                 f"normalised entropy {lowest['entropy_norm']:.3f} in head {lowest['head']}"
             ),
-            hint=H.hint(self.code),
+            hint=lambda: H.hint(self.code),
             data={"heads": collapsed, "collapsed_fraction": share, "method": m.method},
         )
 
@@ -249,7 +249,7 @@ class Sink(AttentionRule):
                 f"{max(per_head.values()):.0%} of their attention on {token}. This is a known, usually benign "
                 "pattern: heads with nothing to attend to park their probability on a fixed token"
             ),
-            hint=H.hint(self.code),
+            hint=lambda: H.hint(self.code),
             data={"heads": [int(h) for h in per_head], "shares": per_head, "token": which, "token_id": tid, "method": m.method},
             severity="info",
         )
@@ -320,7 +320,7 @@ class LogitGrowth(AttentionRule):
                 "are at a level where the softmax is one-hot. Wortsman et al. (2023) see this before the loss "
                 "diverges"
             ),
-            hint=H.hint(self.code),
+            hint=lambda: H.hint(self.code),
             data={"heads": heads, "worst_head": head, "max_logit": worst, "method": m.method},
         )
 

@@ -92,7 +92,7 @@ class LoadImbalance(MoERule):
                 f"variation {cv:.2f}); at capacity factor {r.capacity_factor:g}, {overflow:.0%} of the routed "
                 f"tokens would be dropped (experts over capacity: {_experts(busiest)})"
             ),
-            hint=H.hint(self.code, aux=f"{AUX_LOSS_COEF:g}"),
+            hint=lambda: H.hint(self.code, aux=f"{AUX_LOSS_COEF:g}"),
             data={"load": [int(x) for x in r.load], "cv": cv, "max_over_mean": ratio, "overflow": overflow,
                   "capacity_factor": r.capacity_factor, "over_capacity": busiest, "steps": r.steps},
         )
@@ -114,7 +114,7 @@ class DeadExpert(MoERule):
                 f"{len(dead)} of {r.experts} experts of {r.name} received no token over the last {r.steps} sampled "
                 f"steps ({int(r.tokens)} tokens routed, top-{r.top_k}): experts {_experts(dead)}"
             ),
-            hint=H.hint(self.code, aux=f"{AUX_LOSS_COEF:g}"),
+            hint=lambda: H.hint(self.code, aux=f"{AUX_LOSS_COEF:g}"),
             data={"experts": dead, "load": [int(x) for x in r.load], "steps": r.steps, "tokens": int(r.tokens)},
         )
 
@@ -137,7 +137,7 @@ class RouterEntropy(MoERule):
                 f"log {r.experts}; per-token entropy {r.entropy:.1%} of log {r.experts}); every token then trains "
                 f"the same experts"
             ),
-            hint=H.hint(self.code, aux=f"{AUX_LOSS_COEF:g}", z=f"{ROUTER_Z_COEF:g}"),
+            hint=lambda: H.hint(self.code, aux=f"{AUX_LOSS_COEF:g}", z=f"{ROUTER_Z_COEF:g}"),
             data={"entropy": r.entropy, "mean_entropy": r.mean_entropy, "log_z_rms": r.log_z_rms},
         )
 
@@ -157,7 +157,7 @@ class RouterLogits(MoERule):
                 f"{math.log(r.experts):.2f} for uniform logits), largest |logit| {r.logit_absmax:.1f}; the ST-MoE "
                 f"router z-loss would be {r.log_z_rms ** 2:.3g} × its coefficient"
             ),
-            hint=H.hint(self.code, z=f"{ROUTER_Z_COEF:g}"),
+            hint=lambda: H.hint(self.code, z=f"{ROUTER_Z_COEF:g}"),
             data={"log_z_rms": r.log_z_rms, "logit_absmax": r.logit_absmax, "router_z_loss": r.log_z_rms ** 2},
         )
 

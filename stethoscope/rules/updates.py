@@ -90,7 +90,7 @@ class UpdateRatio(Rule):
                     step,
                     key="update.ratio.low",
                     message=lambda name=name, v=value, lr=lr: self._message_low(name, v, lr),
-                    hint=H.hint(self.code, "low"),
+                    hint=lambda: H.hint(self.code, "low"),
                 )
             elif high.healthy(value, self.clear_factor) and low.healthy(value, self.clear_factor):
                 self.release(name, step, value)
