@@ -73,6 +73,9 @@ class StepRecord:
     # kind -> [(Entry, host row)] in queue order (e.g. "attn": per-head attention statistics).
     extras: dict[str, list] = field(default_factory=dict)
     amp: AmpRecord | None = None  # with a GradScaler handed to the monitor, on sampled steps
+    # set by the monitor's anomaly check before rules and extensions see the record: the running median of the
+    # loss when the logged loss is finite and above stats.loss_spike times it (None otherwise)
+    loss_spike_median: float | None = None
 
     @property
     def scaler_skipped(self) -> bool:

@@ -75,7 +75,6 @@ class IncidentExtension(Extension):
         self._steps: dict[int, cap.StepInputs] = {}
         self._between: list = []  # index lists yielded while no step was open: the next step's
         stats = run.config.stats
-        self._loss_spikes = SpikeDetector(stats.loss_spike)
         self._grad_spikes = SpikeDetector(stats.grad_norm_spike)
         self._seen: set[str] = set()  # trigger findings already handled
         self._last_trouble: int | None = None
@@ -192,8 +191,8 @@ class IncidentExtension(Extension):
         if loss is not None:
             if not math.isfinite(loss):
                 out.append({"kind": "loss.nonfinite", "value": loss})
-            elif self._loss_spikes.check(loss) and self.cfg.spikes:
-                out.append({"kind": "loss.spike", "value": loss, "median": self._loss_spikes.median()})
+            elif record.loss_spike_median is not None and self.cfg.spikes:  # the monitor's own loss check
+                out.append({"kind": "loss.spike", "value": loss, "median": record.loss_spike_median})
         norm = cur.grad_norm if cur is not None else None
         spike = bool(cur.grad_spike) if cur is not None else False
         if norm is None and record.grads and not record.scaler_skipped:  # no optimizer: the monitor's read
@@ -336,12 +335,11 @@ class IncidentExtension(Extension):
 
     def state_dict(self) -> dict:
         return {"captured": len(self.captured), "last_trouble": self._last_trouble,
-                "loss_spikes": self._loss_spikes.state_dict(), "grad_spikes": self._grad_spikes.state_dict()}
+                "grad_spikes": self._grad_spikes.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.captured = [{} for _ in range(int(state.get("captured", 0)))]  # counts toward max_incidents
         self._last_trouble = state.get("last_trouble")
-        self._loss_spikes.load_state_dict(state.get("loss_spikes", {}))
         self._grad_spikes.load_state_dict(state.get("grad_spikes", {}))
 
 

@@ -136,6 +136,8 @@ class RecordPipeline:
         loss = record.scalars.get("loss")
         if loss is not None and self.loss_spikes.check(loss):
             anomaly = True
+            if math.isfinite(loss):
+                record.loss_spike_median = self.loss_spikes.median()
         # a step the GradScaler skipped has non-finite gradients by design: that is the scaler working, not an
         # anomaly to sample in full (amp.skips says when the skipping is not normal)
         if record.grads and not record.scaler_skipped and self.grad_spikes.check(record.grad_norm):

@@ -358,3 +358,28 @@ def test_a_run_that_stays_broken_copies_its_weights_once(tmp_path, monkeypatch):
     monkeypatch.setattr(cap, "cpu_state_dict", lambda model: copies.append(1) or original(model))
     _train(tmp_path / "run")  # NaN from step K to the end (STEPS - K steps)
     assert STEPS - K > 1 and len(copies) == 1
+
+
+def test_a_loss_spike_opens_an_incident_with_the_monitors_running_median(tmp_path):
+    """The trigger reads the monitor's own loss check (one detector, not a second copy of it)."""
+    model = tiny_gpt()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    logged = []
+    with st.Monitor(model, opt, run_dir=tmp_path / "run", config=_config()) as mon:
+        for step, (x, y, _) in enumerate(loader()):
+            if step > K:
+                break
+            with mon.step(step):
+                _, loss = model(x, y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            value = loss.item() * (1000.0 if step == K else 1.0)  # a logged loss 1000x its usual level
+            logged.append(value)
+            mon.log(loss=value)
+    folders = sorted(p.name for p in (tmp_path / "run" / "incidents").iterdir() if p.is_dir())
+    assert folders == [f"step-{K}"]
+    manifest = json.loads((tmp_path / "run" / "incidents" / f"step-{K}" / "manifest.json").read_text())
+    [spike] = [t for t in manifest["triggers"] if t["kind"] == "loss.spike"]
+    assert spike["value"] == pytest.approx(logged[K])
+    assert spike["median"] == pytest.approx(sorted(logged[:K])[K // 2], rel=0.05)
