@@ -40,6 +40,8 @@ from stethoscope.attention.checks import (
 BLOCK_QUERIES = 128  # query rows per block
 BLOCK_KEYS = 1024  # keys per tile: a tile of scores is (B, nh, 128, 1024) floats
 _NEG = float("-inf")
+_INF = float("inf")
+_NAN = float("nan")
 
 
 def _mask_rows(mask: torch.Tensor, tq: int, tk: int) -> torch.Tensor:
@@ -54,7 +56,7 @@ def _rows(t: torch.Tensor, q0: int, q1: int) -> torch.Tensor:
 
 def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tensor | None, tq: int, tk: int,
                 q0: int, q1: int, k0: int, k1: int, device: torch.device):
-    """(additive, blocked, allowed) for one tile.
+    """(additive, blocked, allowed, future, future_blocked) for one tile.
 
     ``additive``/``blocked``: the mask as the implementation applies it (what the softmax sees);
     ``allowed``: the keys a query may see by the truth the invariants are checked against (the mask, never a
@@ -64,6 +66,7 @@ def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tens
     i = torch.arange(q0, q1, device=device)[:, None]  # (Bq, 1) query positions
     j = torch.arange(k0, k1, device=device)[None, :]  # (1, Bk) key positions
     additive = blocked = None
+    future_blocked = False
     if call.mask_tiles is not None:  # flex BlockMask, FlashAttention's padding / packing / window: this tile only
         allowed = call.mask_tiles.tile(q0, q1, k0, k1, device)  # (B|1, nh|1, Bq, Bk)
         blocked = ~allowed
@@ -77,6 +80,7 @@ def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tens
             blocked = ~allowed
     elif call.mask is None and call.implicit_causal and tq > 1:
         blocked = j > i  # SDPA's is_causal: top-left aligned
+        future_blocked = tk == tq and call.causal  # then the blocked keys are exactly the future ones
         allowed = torch.ones(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
     else:
         allowed = torch.ones(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=device)
@@ -87,7 +91,7 @@ def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tens
         allowed = allowed & ~future
     if pad is not None:
         allowed = allowed & ~pad[:, None, None, k0:k1]
-    return additive, blocked, allowed, future
+    return additive, blocked, allowed, future, future_blocked
 
 
 def blocked_statistics(
@@ -121,6 +125,8 @@ def blocked_statistics(
         bias = bias[..., -tq:, :tk] if bias.shape[-2] > tq else bias[..., :tk]
     # keys past the diagonal are blocked by SDPA's is_causal and by the truth alike: their tiles are skipped
     skip_future = mask4 is None and call.mask is None and call.implicit_causal and call.causal and tq == tk
+    two_d = isinstance(call.mask, torch.Tensor) and call.mask.dim() == 2
+    sink_by_score = call.causal and pad is None and not two_d
     f32 = torch.float32
     zero = torch.zeros((), device=device)
     sums = torch.zeros(h, len(SUM_COLUMNS), device=device)
@@ -143,7 +149,10 @@ def blocked_statistics(
         last = torch.full(shape, -1, dtype=torch.long, device=device)
         s_first = torch.full(shape, _NEG, device=device)  # its masked score
         s_last = torch.full(shape, _NEG, device=device)
-        arg = torch.zeros(shape, dtype=torch.long, device=device)  # key at the running max
+        # the key at the running max, to tell a sink's top key from a one-hot row's. Not needed where every
+        # key before the first allowed one is blocked (causal, no padding beside the mask): the top key is
+        # the first allowed one exactly when its score is the row's maximum
+        arg = None if sink_by_score else torch.zeros(shape, dtype=torch.long, device=device)
         k_end = min(tk, q1) if skip_future else tk
         for k0 in range(0, k_end, bk):
             k1 = min(k_end, k0 + bk)
@@ -155,25 +164,40 @@ def blocked_statistics(
                 s = s.div_(call.softcap).tanh_().mul_(call.softcap)
             if bias is not None:
                 s = s.add_(_rows(bias, q0, q1)[..., k0:k1].float())
-            additive, blocked, allowed, future = _tile_masks(call, mask4, pad, tq, tk, q0, q1, k0, k1, device)
+            additive, blocked, allowed, future, future_blocked = _tile_masks(
+                call, mask4, pad, tq, tk, q0, q1, k0, k1, device)
             if additive is not None:
                 s = s.add_(additive)
             if blocked is not None:
                 s = s.masked_fill_(blocked, _NEG)
-            # --- the online softmax: move every sum to the new maximum
-            t_max, t_arg = s.max(-1)  # (B, nh, Bq)
-            new_m = torch.maximum(m, t_max)  # NaN propagates: such rows end NaN, counted as non-finite
+            # --- the online softmax: move every sum to the new maximum. The tile's own softmax kernel gives
+            # p = exp(s - t_max) / L (fast at blocked keys: a plain exp of -inf or of an underflow takes
+            # several times longer on CPU); every tile sum then is L times a sum over p, rescaled to the row's
+            # running maximum by beta = exp(t_max - m_new).
+            t_max = s.amax(-1)  # (B, nh, Bq); NaN propagates: such rows end NaN, counted as non-finite
+            p = torch.softmax(s, -1)  # (B, nh, Bq, Bk); 0 at blocked keys, NaN where a row has no key here
+            none = t_max == _NEG  # rows with every key of this tile blocked: they add nothing
+            d = torch.sub(s, torch.where(none, zero, t_max)[..., None])  # s - t_max, -inf at blocked keys
+            d = d.nan_to_num_(nan=_NAN, posinf=_INF, neginf=0.0)  # p is 0 there: the product must be too
+            tile_l = torch.where(none, zero, 1.0 / p.amax(-1))  # L = Σ exp(s - t_max): the top p is 1 / L
+            tile_u = torch.where(none, zero, torch.linalg.vecdot(p, d))  # Σ p (s - t_max)
+            new_m = torch.maximum(m, t_max)
             safe = torch.where(new_m == _NEG, zero, new_m)  # rows with nothing seen yet keep 0
             alpha = torch.exp(m - safe)  # 0 when m was -inf
+            beta = torch.where(none, zero, tile_l * torch.exp(t_max - safe))  # the tile's Σ exp(s - m_new)
             shift = torch.where(l > 0, m - safe, zero)  # (m_old - m_new); 0 when nothing was summed
-            e = torch.exp(s - safe[..., None])  # (B, nh, Bq, Bk); 0 at blocked keys
-            u = alpha * (u + shift * l) + torch.special.xlogy(e, e).sum(-1)  # e log e = e (s - m)
-            l = alpha * l + e.sum(-1)  # noqa: E741
-            fut = alpha * fut + (e * future).sum(-1)
+            # Σ e (s - m_new) = β (Σ p (s - t_max) + (t_max - m_new)), with e = exp(s - m_new) = β p
+            u = alpha * (u + shift * l) + beta * (tile_u + torch.where(none, zero, t_max - safe))
+            l = alpha * l + beta  # noqa: E741
+            if call.causal and not future_blocked:  # (else: no leak to measure, or exactly 0)
+                fut = alpha * fut + beta * torch.where(none, zero, torch.linalg.vecdot(p, future.to(p.dtype)))
             if pad is not None:
-                padm = alpha * padm + (e * pad[:, None, None, k0:k1]).sum(-1)
-            moved = t_max > m  # strictly: ties keep the earlier key, as argmax over the whole row does
-            arg = torch.where(moved, t_arg + k0, arg)
+                pad_keys = pad[:, None, None, k0:k1].to(p.dtype)  # (B, 1, 1, Bk)
+                padm = alpha * padm + beta * torch.where(none, zero, (p * pad_keys).sum(-1))
+            if arg is not None:
+                t_arg = s.argmax(-1)  # (B, nh, Bq)
+                moved = t_max > m  # strictly: ties keep the earlier key, as argmax over the whole row does
+                arg = torch.where(moved, t_arg + k0, arg)
             m = new_m
             # --- what the truth allows: counts, first and last allowed key and their scores
             n_allowed = n_allowed + allowed.sum(-1).expand(shape)
@@ -207,7 +231,10 @@ def blocked_statistics(
         first_idx = torch.where(first == tk, 0, first)
         last_idx = torch.where(last < 0, tk - 1, last)
         sink_rows = good & (n_allowed >= SINK_MIN_KEYS)
-        on_sink = (arg == first_idx) | ((arg == last_idx) if not call.causal else torch.zeros_like(good))
+        if arg is None:
+            on_sink = s_first == m
+        else:
+            on_sink = (arg == first_idx) | ((arg == last_idx) if not call.causal else torch.zeros_like(good))
         sharp = two & (inv >= ONE_HOT)  # the largest probability is exp(m - m) / l
         one_hot = sharp & ~on_sink
         part = torch.stack(
