@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from stethoscope.stats import CompiledStats, Scratch, tensor_stats
+from stethoscope.stats import SMALL_ELEMENTS, CompiledStats, Scratch, stacked_stats, tensor_stats
 
 
 def tensor_key(t: torch.Tensor) -> tuple:
@@ -72,3 +72,27 @@ class StatsEngine:
         if mode == "always" or (mode == "auto" and t.device.type == "cuda"):
             return self._compiled(t, eps, cfg.saturation, features, feats, self._scratch)
         return tensor_stats(t, eps, cfg.saturation, features=features, feature_absmax=feats, scratch=self._scratch)
+
+    @staticmethod
+    def stackable(t: torch.Tensor) -> bool:
+        """Small enough to be summarised stacked with others (see :meth:`compute_small`)."""
+        return 0 < t.numel() <= SMALL_ELEMENTS and not t.is_complex()
+
+    def compute_small(self, tensors: list[torch.Tensor], eps: float | None = None) -> list[torch.Tensor]:
+        """Rows (no features) of small tensors: those of one length, device and dtype are stacked and summarised
+        in one go (see :data:`stethoscope.stats.SMALL_ELEMENTS`); a tensor alone in its group, on its own."""
+        rows: list[torch.Tensor | None] = [None] * len(tensors)
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.numel(), t.device, t.dtype), []).append(i)
+        eps = self.cfg.eps if eps is None else eps
+        for (n, device, _), members in groups.items():
+            with no_autocast(device):
+                if len(members) == 1:
+                    rows[members[0]] = self.compute(tensors[members[0]], False, None, eps=eps)
+                    continue
+                stacked = torch.stack([tensors[i].detach().reshape(n) for i in members])  # (k, n)
+                block = stacked_stats(stacked, eps, self.cfg.saturation)  # (k, RAW_WIDTH)
+            for j, i in enumerate(members):
+                rows[i] = block[j]
+        return rows

@@ -190,6 +190,9 @@ class GradientReader:
             return
         self.read_done = True
         inv = self._inverse_scale()
+        # one by one as they come (a scaled copy lives for one row), except small ones, summarised stacked
+        queued: list[tuple[str, int, torch.Tensor | None]] = []  # (name, elements, row or None: small)
+        small: list[torch.Tensor] = []
         for name, p in self.grad_params:
             g = p.grad
             if g is None:
@@ -199,9 +202,16 @@ class GradientReader:
                 g = g.coalesce().values()
             if inv is not None:
                 g = g.float() * inv.to(g.device)
+            if self.engine.stackable(g):
+                small.append(g)
+                queued.append((name, g.numel(), None))
+                continue
             with no_autocast(g.device):
                 row = self.engine.compute(g, False, None, eps=0.0)  # a gradient is zero only where exactly 0
-            self.collector.add(Entry("grad", name, "", 0, g.numel()), row)
+            queued.append((name, g.numel(), row))
+        small_rows = iter(self.engine.compute_small(small, eps=0.0))
+        for name, count, row in queued:
+            self.collector.add(Entry("grad", name, "", 0, count), row if row is not None else next(small_rows))
         if self.sharded_grads and self.scheduled:
             self._read_sharded(inv)
 
