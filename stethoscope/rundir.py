@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,19 @@ def json_safe(value: Any) -> Any:
     if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
         return json_safe(value.item())  # numpy scalars
     return value
+
+
+def flat_safe(row: dict) -> dict:
+    """:func:`json_safe` for a flat row of numbers and strings (a metrics row), in one pass.
+
+    A statistics row often holds a NaN (a gradient has no dead-feature count): cleaning it first spares
+    :func:`dumps` a failed encoding and the recursive clean-up, about half the cost of writing it.
+    """
+    return {k: json_safe(v) if isinstance(v, float) and not _FINITE_MIN <= v <= _FINITE_MAX else v
+            for k, v in row.items()}
+
+
+_FINITE_MIN, _FINITE_MAX = -sys.float_info.max, sys.float_info.max  # NaN compares false: outside too
 
 
 def dumps(record: dict, indent: int | None = None) -> str:

@@ -144,15 +144,16 @@ class MetricsWriter:
             self._storage.settle(record.step)
         if not capped:
             for rec in record.acts.values():
-                w.write(base | {"kind": "act", "name": rec.name, "output": rec.output, "calls": rec.calls,
-                                **({"call": rec.call} if rec.call is not None else {}),
-                                **rec.stats.as_dict()})
+                w.write(rd.flat_safe(base | {"kind": "act", "name": rec.name, "output": rec.output,
+                                             "calls": rec.calls, **({"call": rec.call} if rec.call is not None
+                                                                    else {}), **rec.stats.as_dict()}))
             for rec in record.inputs.values():
-                w.write(base | {"kind": "input", "name": rec.name, "calls": rec.calls,
-                                **({"call": rec.call} if rec.call is not None else {}),
-                                **rec.stats.as_dict()})
+                w.write(rd.flat_safe(base | {"kind": "input", "name": rec.name, "calls": rec.calls,
+                                             **({"call": rec.call} if rec.call is not None else {}),
+                                             **rec.stats.as_dict()}))
             for rec in record.grads.values():
-                w.write(base | {"kind": "grad", "name": rec.name, "missing": False, **rec.stats.as_dict()})
+                w.write(rd.flat_safe(base | {"kind": "grad", "name": rec.name, "missing": False,
+                                             **rec.stats.as_dict()}))
             for name in record.missing_grads:
                 w.write(base | {"kind": "grad", "name": name, "missing": True})
             for rec in record.updates.values():

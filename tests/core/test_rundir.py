@@ -273,3 +273,14 @@ def test_state_dict_round_trip(tiny_mlp, run_dir):
     assert third.state_dict() == json.loads(rd.dumps(state))
     for m in (mon, other, third):
         m.close()
+
+
+def test_flat_safe_cleans_a_metrics_row_as_json_safe_does():
+    import math
+
+    from stethoscope import rundir
+
+    row = {"step": 3, "name": "h.0", "mean": 0.5, "dead_features": math.nan, "max": math.inf, "min": -math.inf,
+           "big": -1.7e308, "tiny": 5e-324, "count": 7}
+    assert rundir.flat_safe(row) == rundir.json_safe(row)
+    assert rundir.dumps(rundir.flat_safe(row)) == rundir.dumps(row)
