@@ -121,7 +121,9 @@ def tensor_stats(
         saturation: entries with |x| > saturation count as saturated.
         features: also count dead features (last-dimension entries that are <= eps in every row).
         feature_absmax: when given (with ``features``), the per-feature max |x| vector ``(C,)`` is appended
-            to it, so calls of one module can be merged exactly (a feature is dead only if dead in all).
+            to it, so calls of one module can be merged exactly (a feature is dead only if dead in all). On
+            the host road a chunk with no entry within eps of zero gives a lower bound of it instead (its
+            smallest |x|, above eps): only whether a feature's max exceeds eps is ever read.
         scratch: reusable work buffers (one is made for the call when None).
 
     The element count is ``t.numel()`` (known on the host); pass it to :func:`finalize` with the row.
@@ -200,10 +202,10 @@ def _host_chunk(
 ) -> tuple[list[float] | None, torch.Tensor | None]:
     """Raw row of a CPU chunk whose entries are all finite, as host floats; ``(None, None)`` otherwise.
 
-    Four to eight passes: the sum (which also proves every entry finite), min/max, the sum of squares (or,
+    Four to nine passes: the sum (which also proves every entry finite), min/max, the sum of squares (or,
     under a dominant mean, the deviations from it with their sum and sum of squares), |x| (skipped when no
-    entry is negative) with the per-feature max, the zero count (skipped when no entry is near zero), and the
-    saturation count (skipped when |x| never exceeds the bound).
+    entry is negative) with its minimum, then only where that minimum is within eps of zero the per-feature
+    max and the zero count, and the saturation count (skipped when |x| never exceeds the bound).
     """
     m = chunk.numel()
     # Every pass writes into ``work`` when it can, and the last one over |x| in place: a buffer line the
@@ -239,12 +241,17 @@ def _host_chunk(
         total = m * mean32 + drift / scale
     signed = lo < 0.0
     mag = torch.abs(x, out=work) if signed else x  # |x|; a non-negative chunk (ReLU, softmax) is its own
-    per_feature = _feature_absmax(mag, width) if width else None  # (C,)
     # the kernels compare in float32: the host decides against the same rounded bounds
     eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
-    near_zero = not (lo > eps32 or hi < -eps32)  # some entry may lie within [-eps, eps]
-    if near_zero and signed:  # one read for the smallest |x| settles most signed chunks (no entry near zero)
-        near_zero = float(mag.amin()) <= eps32  # instead of a compare-and-write and a sum
+    # the smallest |x|: known for a non-negative chunk, one read for a signed one
+    smallest = float(mag.amin()) if signed and not (lo > eps32 or hi < -eps32) else min(abs(lo), abs(hi))
+    near_zero = smallest <= eps32  # some entry lies within [-eps, eps]
+    if not width:
+        per_feature = None
+    elif near_zero:
+        per_feature = _feature_absmax(mag, width)  # (C,)
+    else:  # no feature can be dead: a lower bound of every feature's max |x| above eps decides that alike
+        per_feature = torch.full((width,), smallest, dtype=torch.float32)  # (C,)
     over = absmax > saturation32
     # a count's flags go over |x| itself when nothing reads |x| after it (never over the caller's tensor)
     last = mag if signed else work

@@ -266,6 +266,36 @@ def test_dead_feature_alive_in_one_call_is_not_dead(run_dir):
     assert gate["zero_fraction"] == pytest.approx((2 * 2 + 1) / 12)
 
 
+def test_a_call_with_no_entry_near_zero_keeps_every_feature_alive(run_dir):
+    # a chunk with no |x| <= eps skips the per-feature max (its smallest |x| stands for every feature): merged
+    # with calls whose features are dead, every feature lives; without it, the dead ones stay dead
+    class Gate(nn.Module):
+        def forward(self, x, keep):
+            return x * keep
+
+    class Net(nn.Module):
+        def __init__(self, alive_call: bool):
+            super().__init__()
+            self.gate = Gate()
+            self.alive_call = alive_call
+
+        def forward(self, x):
+            k = torch.tensor([0.0, 1.0, 1.0, 0.0])
+            out = self.gate(x, k) + self.gate(-x, k)
+            return out + self.gate(x, torch.full((4,), 3.0)) if self.alive_call else out
+
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).abs() + 0.5  # no entry near zero
+    for alive_call, dead in ((True, 0), (False, 2)):
+        net = Net(alive_call)
+        path = run_dir()
+        mon = st.Monitor(net, run_dir=path, config=quiet_config())
+        with mon.step(0):
+            net(x)
+        mon.close()
+        gate = rows(path, "act", 0).set_index("name").loc["gate"]
+        assert gate["dead_features"] == dead, alive_call
+
+
 def test_tied_embedding_and_lm_head(tiny_gpt2, run_dir):
     model = tiny_gpt2
     assert model.lm_head.weight is model.transformer.wte.weight
