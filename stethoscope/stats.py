@@ -92,17 +92,31 @@ class Scratch:
     def __init__(self, size: int = CHUNK_ELEMENTS):
         self.size = size
         self._buffers: dict[torch.device, torch.Tensor] = {}
+        # (device, n) -> the three views: a model has a handful of chunk lengths, and slicing three views
+        # costs more than the passes over a small tensor's chunk
+        self._views: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def get(self, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Three (n,) float32 views on ``device`` (n <= size)."""
+        views = self._views.get((device, n))
+        if views is not None:
+            return views
         buf = self._buffers.get(device)
         if buf is None or buf.shape[1] < n:
             buf = torch.empty((3, max(n, 1024)), dtype=torch.float32, device=device)
             self._buffers[device] = buf
-        return buf[0, :n], buf[1, :n], buf[2, :n]
+            self._views = {k: v for k, v in self._views.items() if k[0] != device}  # views of the old buffer
+        if len(self._views) >= _MAX_VIEWS:
+            self._views.clear()
+        views = self._views[(device, n)] = (buf[0, :n], buf[1, :n], buf[2, :n])
+        return views
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._views.clear()
+
+
+_MAX_VIEWS = 256  # distinct chunk lengths kept (a model with more just slices again)
 
 
 def tensor_stats(
@@ -194,7 +208,7 @@ def _host_stats(
             feature_absmax.append(per_feature)
     else:
         merged[_IDX["dead"]] = math.nan
-    return torch.tensor(merged, dtype=torch.float32)
+    return torch.from_numpy(np.array(merged, dtype=np.float32))  # (RAW_WIDTH,) (cheaper than torch.tensor)
 
 
 def _host_chunk(
