@@ -234,6 +234,7 @@ def _host_chunk(
     absmax = max(hi, -lo)
     safe = _SAFE_LOW <= absmax <= _SAFE_HIGH or absmax == 0.0
     dev_norm = None
+    min_square = None
     if safe:
         # One pass for the spread when the mean is small beside the root mean square (LayerNorm outputs,
         # residual streams, logits, gradients): sum x^2 - (sum x)^2 / n then loses at most a factor
@@ -241,6 +242,7 @@ def _host_chunk(
         squares = float(_sum_of_squares(x, work))
         if total * total <= _ONE_PASS_SHARE * squares * m:
             dev_norm = math.sqrt(max(squares - total * total / m, 0.0))
+            min_square = float(work.amin())  # the squares are still in ``work``: (min |x|)^2, rounded
     if dev_norm is None:  # a dominant mean, or magnitudes whose squares leave float32: centre (and scale)
         mean32 = float(np.float32(total / m))  # the mean the float32 kernel subtracts
         scale = 1.0 if safe else _unit_scale(max(absmax, _TINY))
@@ -253,24 +255,49 @@ def _host_chunk(
         # Corrected two-pass, as on the device road: the deviations' own sum removes the rounded mean's bias
         dev_norm = math.sqrt(max(squares - drift * drift / m, 0.0)) / scale
         total = m * mean32 + drift / scale
-    signed = lo < 0.0
-    mag = torch.abs(x, out=work) if signed else x  # |x|; a non-negative chunk (ReLU, softmax) is its own
     # the kernels compare in float32: the host decides against the same rounded bounds
     eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
-    # the smallest |x|: known for a non-negative chunk, one read for a signed one
-    smallest = float(mag.amin()) if signed and not (lo > eps32 or hi < -eps32) else min(abs(lo), abs(hi))
+    # The smallest |x| decides the zero count and the dead features: known from the extremes for a chunk of
+    # one sign, else from the squares' minimum where that clearly exceeds eps^2 (no |x| pass at all), else read.
+    signed = lo < 0.0 < hi
+    mag = None if lo < 0.0 else x  # |x| once a pass needs it; a non-negative chunk is its own
+    zero = None
+    if not signed:
+        smallest = min(abs(lo), abs(hi))
+    elif min_square is not None and min_square > eps32 * eps32 * _SQUARE_MARGIN:
+        smallest = math.sqrt(min_square)  # above eps, and so is its float32 rounding
+    elif eps32 == 0.0 and not width:  # only exact zeros count, and nothing else needs |x| (gradients)
+        zero = float(torch.eq(x, 0.0, out=work).sum())
+        smallest = 0.0 if zero else math.inf
+    else:
+        mag = torch.abs(x, out=work)
+        # a square clearly below eps^2 proves an entry within eps of zero (dropout, pruned units): no read
+        within = min_square is not None and min_square + _SQUARE_ULP < eps32 * eps32 / _SQUARE_MARGIN
+        smallest = 0.0 if within else float(mag.amin())
     near_zero = smallest <= eps32  # some entry lies within [-eps, eps]
+    if near_zero and mag is None and zero is None:  # a non-positive chunk reaching zero
+        mag = torch.abs(x, out=work)
     if not width:
         per_feature = None
     elif near_zero:
         per_feature = _feature_absmax(mag, width)  # (C,)
     else:  # no feature can be dead: a lower bound of every feature's max |x| above eps decides that alike
         per_feature = torch.full((width,), smallest, dtype=torch.float32)  # (C,)
-    over = absmax > saturation32
-    # a count's flags go over |x| itself when nothing reads |x| after it (never over the caller's tensor)
-    last = mag if signed else work
-    zero = float(torch.le(mag, eps, out=spare if over and signed else last).sum()) if near_zero else 0.0
-    saturated = float(torch.gt(mag, saturation, out=last).sum()) if over else 0.0
+    over_hi, over_lo = hi > saturation32, -lo > saturation32  # entries beyond +bound / -bound may exist
+    if zero is None:
+        zero = 0.0
+        if near_zero:  # mag is known here; the flags never go over the caller's tensor, nor over a |x| still read
+            out = work if mag is x else (spare if over_hi or over_lo else mag)
+            zero = float(torch.le(mag, eps, out=out).sum())
+    if not (over_hi or over_lo):
+        saturated = 0.0
+    elif mag is None and not (over_hi and over_lo):  # one side only: count it on x, no |x| pass
+        flags = torch.gt(x, saturation, out=work) if over_hi else torch.lt(x, -saturation, out=work)
+        saturated = float(flags.sum())
+    else:
+        if mag is None:
+            mag = torch.abs(x, out=work)
+        saturated = float(torch.gt(mag, saturation, out=work).sum())  # over |x| itself when it is ``work``
     return [0.0, total, dev_norm, lo, hi, absmax, zero, saturated, 0.0], per_feature
 
 
@@ -281,6 +308,10 @@ _SAFE_LOW, _SAFE_HIGH = 2.0**-40, 2.0**51
 _TINY = 2.0**-126  # smallest normal float32: the device road's scale is taken from max(max |x|, this)
 # The host road takes the one-pass spread when mean^2 <= this share of the mean square (see _host_chunk).
 _ONE_PASS_SHARE = 0.5
+# A rounded square above eps^2 times this proves |x| > eps, with room for the square's rounding and for the
+# float32 rounding of its root (the dead-feature bound must stay above eps).
+_SQUARE_MARGIN = 1.0 + 2.0**-18
+_SQUARE_ULP = 2.0**-149  # the absolute rounding of a square that fell below float32's normal range
 
 
 def _sum_of_squares(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,19 @@ def test_matches_reference_any_shape_with_nonfinite(values):
 @settings(max_examples=80, **_SETTINGS)
 @given(
     hnp.arrays(
+        np.float32, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=7), elements=_elements
+    ),
+    st_.booleans(),
+)
+def test_eps_zero_counts_exact_zeros_only(values, features):
+    # gradients: only exact zeros (either sign) count, and no |x| pass is needed for that on the host road
+    got = engine(torch.from_numpy(values.copy()), eps=0.0, features=features)
+    assert_matches(got, reference(values, eps=0.0, features=features))
+
+
+@settings(max_examples=80, **_SETTINGS)
+@given(
+    hnp.arrays(
         np.float32, hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=9), elements=_elements
     ),
     st_.sampled_from([1, 5, 16, 40]),
@@ -365,3 +378,21 @@ def test_stacked_rows_of_extreme_magnitudes_and_half_inputs(road, scale):
             ref = reference(x[i].float().numpy(), features=False)
             assert_matches(got, ref)
             assert math.isfinite(got["std"])
+
+
+def test_entries_at_the_zero_and_saturation_bounds_from_either_side():
+    # the host road decides "no entry near zero" from the squares' minimum and counts one-sided saturation
+    # on x itself: entries one float32 step either side of eps and of the bound, and squares that fall
+    # below float32's normal range, must count exactly as |x| <= eps and |x| > bound do
+    eps32 = np.float32(EPS)
+    sat32 = np.float32(SAT)
+    near = [np.nextafter(eps32, np.float32(0)), eps32, np.nextafter(eps32, np.float32(1)), np.float32(1e-30),
+            np.float32(2e-8), np.float32(-1.5)]
+    for extra in ([], [np.nextafter(sat32, np.float32(9))], [-np.nextafter(sat32, np.float32(9))], [sat32, -sat32]):
+        for pick in range(len(near)):
+            values = np.array([near[pick], -0.7, 0.25, 1.1, *extra], dtype=np.float32)
+            for sign in (1, -1):
+                v = (values * sign).reshape(1, -1)
+                assert_matches(engine(torch.from_numpy(v.copy())), reference(v))
+                assert_matches(engine(torch.from_numpy(v.copy()), eps=0.0, features=False),
+                               reference(v, eps=0.0, features=False))
