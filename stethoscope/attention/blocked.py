@@ -159,17 +159,25 @@ def blocked_statistics(
             kt = k_all[:, :, k0:k1].float()
             if n_rep > 1:
                 kt = kt[:, :, None].expand(b, kt.shape[1], n_rep, k1 - k0, kt.shape[-1]).reshape(b, h, k1 - k0, -1)
-            s = torch.matmul(qb, kt.transpose(-1, -2)).mul_(call.scaling)  # (B, nh, Bq, Bk)
-            if call.softcap:
-                s = s.div_(call.softcap).tanh_().mul_(call.softcap)
-            if bias is not None:
-                s = s.add_(_rows(bias, q0, q1)[..., k0:k1].float())
             additive, blocked, allowed, future, future_blocked = _tile_masks(
                 call, mask4, pad, tq, tk, q0, q1, k0, k1, device)
-            if additive is not None:
-                s = s.add_(additive)
-            if blocked is not None:
-                s = s.masked_fill_(blocked, _NEG)
+            nk = k1 - k0
+            if blocked is not None and blocked.dim() == 2 and additive is None and not call.softcap and bias is None:
+                # one (Bq, Bk) mask for every sequence and head (SDPA's is_causal): scaled and masked by the
+                # product itself, -inf added at blocked keys (a broadcast masked_fill_ costs more than the bmm)
+                addend = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, _NEG)  # (Bq, Bk)
+                s = torch.baddbmm(addend, qb.reshape(b * h, nq, -1), kt.reshape(b * h, nk, -1).transpose(1, 2),
+                                  alpha=call.scaling).view(b, h, nq, nk)  # (B, nh, Bq, Bk)
+            else:
+                s = torch.matmul(qb, kt.transpose(-1, -2)).mul_(call.scaling)  # (B, nh, Bq, Bk)
+                if call.softcap:
+                    s = s.div_(call.softcap).tanh_().mul_(call.softcap)
+                if bias is not None:
+                    s = s.add_(_rows(bias, q0, q1)[..., k0:k1].float())
+                if additive is not None:
+                    s = s.add_(additive)
+                if blocked is not None:
+                    s = s.masked_fill_(blocked, _NEG)
             # --- the online softmax: move every sum to the new maximum. The tile's own softmax kernel gives
             # p = exp(s - t_max) / L (fast at blocked keys: a plain exp of -inf or of an underflow takes
             # several times longer on CPU); every tile sum then is L times a sum over p, rescaled to the row's
