@@ -700,14 +700,14 @@ class GradDeadTrend(Rule):
             if value is None:
                 continue
             points = self.history.push(name, step, value)
-            scales = [*self.scale.values(name), rms(rec.stats)]
-            self.scale.push(name, step, scales[-1])
+            self.scale.push(name, step, rms(rec.stats))
             if len(points) < max(3, self.settings.min_history):
                 continue
             if max(v for _, v in points) <= 0.0:
                 if self.is_open(name):
                     self.release(name, step, 0.0)
                 continue
+            scales = self.scale.values(name)
             rise, tau, current = self._trend(points)
             if current < self.FLOOR or tau < self.MIN_TAU or self._shrinking(scales):
                 rise = min(rise, 0.0)
