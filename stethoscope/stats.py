@@ -31,6 +31,7 @@ accelerator, go through the device road, which never reads a value back.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -234,7 +235,7 @@ def _host_chunk(
     absmax = max(hi, -lo)
     safe = _SAFE_LOW <= absmax <= _SAFE_HIGH or absmax == 0.0
     dev_norm = None
-    min_square = None
+    min_square = saturated = None
     if safe:
         # One pass for the spread when the mean is small beside the root mean square (LayerNorm outputs,
         # residual streams, logits, gradients): sum x^2 - (sum x)^2 / n then loses at most a factor
@@ -243,6 +244,9 @@ def _host_chunk(
         if total * total <= _ONE_PASS_SHARE * squares * m:
             dev_norm = math.sqrt(max(squares - total * total / m, 0.0))
             min_square = float(work.amin())  # the squares are still in ``work``: (min |x|)^2, rounded
+            bound = _square_bound(saturation)
+            if absmax > bound_32(saturation) and bound is not None:  # counted on the squares: no |x| pass
+                saturated = float(torch.gt(work, bound, out=work).sum())
     if dev_norm is None:  # a dominant mean, or magnitudes whose squares leave float32: centre (and scale)
         mean32 = float(np.float32(total / m))  # the mean the float32 kernel subtracts
         scale = 1.0 if safe else _unit_scale(max(absmax, _TINY))
@@ -287,9 +291,11 @@ def _host_chunk(
     if zero is None:
         zero = 0.0
         if near_zero:  # mag is known here; the flags never go over the caller's tensor, nor over a |x| still read
-            out = work if mag is x else (spare if over_hi or over_lo else mag)
+            out = work if mag is x else (spare if (over_hi or over_lo) and saturated is None else mag)
             zero = float(torch.le(mag, eps, out=out).sum())
-    if not (over_hi or over_lo):
+    if saturated is not None:
+        pass
+    elif not (over_hi or over_lo):
         saturated = 0.0
     elif mag is None and not (over_hi and over_lo):  # one side only: count it on x, no |x| pass
         flags = torch.gt(x, saturation, out=work) if over_hi else torch.lt(x, -saturation, out=work)
@@ -312,6 +318,28 @@ _ONE_PASS_SHARE = 0.5
 # float32 rounding of its root (the dead-feature bound must stay above eps).
 _SQUARE_MARGIN = 1.0 + 2.0**-18
 _SQUARE_ULP = 2.0**-149  # the absolute rounding of a square that fell below float32's normal range
+
+
+def bound_32(bound: float) -> float:
+    """``bound`` rounded to float32, as the kernels compare against it."""
+    return float(np.float32(bound))
+
+
+@functools.lru_cache(maxsize=64)
+def _square_bound(bound: float) -> float | None:
+    """T with |x| > bound exactly when fl(x * x) > T for every float32 x, or None where no such T exists.
+
+    T = fl(b * b) for the float32 bound b: |x| <= b gives fl(x²) <= T (rounding keeps order) and |x| >= the
+    next float32 after b gives a square at least 2^-22 larger, over two float32 steps, so above T. That holds
+    while the squares stay in float32's normal range, which is checked.
+    """
+    b = np.float32(bound)
+    after = np.nextafter(b, np.float32(np.inf))
+    with np.errstate(over="ignore", under="ignore"):
+        square, next_square = b * b, after * after
+    if not (np.isfinite(next_square) and square >= np.finfo(np.float32).tiny and square < next_square):
+        return None
+    return float(square)
 
 
 def _sum_of_squares(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:

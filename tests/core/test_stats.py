@@ -396,3 +396,15 @@ def test_entries_at_the_zero_and_saturation_bounds_from_either_side():
                 assert_matches(engine(torch.from_numpy(v.copy())), reference(v))
                 assert_matches(engine(torch.from_numpy(v.copy()), eps=0.0, features=False),
                                reference(v, eps=0.0, features=False))
+
+
+@pytest.mark.parametrize("sat", [0.1, 2.5, 3.0, 1e-3, 7.0e15])
+def test_saturation_counted_on_squares_is_exact_at_any_bound(sat):
+    # |x| > bound is counted as fl(x * x) > fl(bound * bound): exact for every float32 (checked here one step
+    # either side of the bound, on both signs, among random values)
+    b = np.float32(sat)
+    around = [np.nextafter(b, np.float32(0)), b, np.nextafter(b, np.float32(np.inf))]
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 2 * sat, 500).astype(np.float32), around, [-v for v in around]])
+    v = values.astype(np.float32).reshape(1, -1)
+    assert_matches(engine(torch.from_numpy(v.copy()), sat=sat), reference(v, sat=sat))
