@@ -64,6 +64,8 @@ def dumps(record: dict, indent: int | None = None) -> str:
     """
     seps = (",", ":") if indent is None else None
     try:
+        if indent is None:  # the metrics rows: one encoder for all (json.dumps builds one per call)
+            return _COMPACT.encode(record)
         return json.dumps(record, separators=seps, indent=indent, allow_nan=False, default=_default)
     except ValueError:
         return json.dumps(json_safe(record), separators=seps, indent=indent, allow_nan=False, default=str)
@@ -172,6 +174,9 @@ def write_json_atomic(path: Path, record: dict, indent: int | None = 2) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_COMPACT = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
 
 
 class JsonlWriter:
