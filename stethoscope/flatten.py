@@ -23,7 +23,21 @@ def iter_float_tensors(obj: object, prefix: str = "") -> Iterator[tuple[str, tor
     ``path`` is "" for a bare tensor, else a dotted path such as ``"0"``, ``"last_hidden_state"`` or
     ``"attentions.3"``. Order follows the structure (tuple order, dict insertion order, dataclass fields).
     """
+    if isinstance(obj, torch.Tensor):  # the common case (a module's output), without the walk
+        if is_summarisable(obj):
+            yield prefix, obj
+        return
     yield from _walk(obj, prefix, 0, set())
+
+
+def float_inputs(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The floating tensors of a call's ``(args, kwargs)``, in the order :func:`iter_float_tensors` gives.
+
+    One positional tensor and no keywords (most module calls) is answered without the walk.
+    """
+    if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+        return [args[0]] if is_summarisable(args[0]) else []
+    return [t for _, t in _walk((args, kwargs), "", 0, set())]
 
 
 def _walk(obj: object, path: str, depth: int, seen: set[int]) -> Iterator[tuple[str, torch.Tensor]]:

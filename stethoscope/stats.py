@@ -23,10 +23,12 @@ Complex tensors are summarised by their magnitude; integer and bool tensors are 
 CPU tensors take a shorter road (:func:`_host_chunk`). Their values already live in host memory and every
 CPU kernel has finished when it returns, so reading a scalar back is not a transfer and stalls nothing. The
 engine reads each chunk's sum: when it is finite, every entry is (NaN and ±Inf propagate into a sum), and
-the finite-only bookkeeping above is skipped — about half the passes for a gradient, a third fewer for an
-activation. Extremes that are known on the host skip more: no saturation pass when |x| never exceeds the
-bound, no |x| pass for a non-negative chunk. A chunk with a non-finite entry, and every tensor on an
-accelerator, go through the device road, which never reads a value back.
+the finite-only bookkeeping above is skipped. What the host then knows skips more: the squares' minimum
+shows that no entry lies near zero (no |x| pass, no zero count, no per-feature maximum: no feature can be
+dead), the saturation count runs on the squares, and no saturation pass runs when |x| never exceeds the
+bound. A chunk with a non-finite entry, and every tensor on an accelerator, go through the device road,
+which never reads a value back. Small tensors of one length are summarised stacked
+(:func:`stacked_stats`): their cost is the kernel launches, not the entries.
 """
 
 from __future__ import annotations

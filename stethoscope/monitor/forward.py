@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from stethoscope.collector import Entry, StepCollector
-from stethoscope.flatten import iter_float_tensors
+from stethoscope.flatten import float_inputs, iter_float_tensors
 from stethoscope.heartbeat import Heartbeat
 from stethoscope.hooks import HookSet, is_compiling
 from stethoscope.monitor.engine import StatsEngine, tensor_key
@@ -172,7 +172,7 @@ class ForwardObserver:
 
     # ------------------------------------------------------------------ hook bodies (sampled steps)
     def on_inputs(self, name: str, args: tuple, kwargs: dict, is_linear: bool) -> None:
-        tensors = [t for _, t in iter_float_tensors((args, kwargs))]
+        tensors = float_inputs(args, kwargs)
         if not tensors:
             self.input_flags.setdefault(name, []).append(None)
             return

@@ -163,3 +163,16 @@ def test_monitor_runs_on_every_output_kind_without_errors(kind, run_dir):
     got = set(acts[acts["name"] == ""]["output"]) if not acts.empty else set()
     assert got == expected
     assert set(acts[acts["name"] == "lin"]["output"]) == {""}
+
+
+def test_float_inputs_matches_the_walk_of_args_and_kwargs():
+    from stethoscope.flatten import float_inputs
+
+    x, y = torch.randn(2, 3), torch.randn(4)
+    ids = torch.tensor([1, 2])
+    cases = [((x,), {}), ((ids,), {}), ((x, y), {}), ((x,), {"mask": y}), ((), {"h": x}), (([x, (y, ids)],), {}),
+             ((torch.empty(2, device="meta"),), {})]
+    for args, kwargs in cases:
+        walked = [t for _, t in iter_float_tensors((args, kwargs))]
+        got = float_inputs(args, kwargs)
+        assert len(got) == len(walked) and all(a is b for a, b in zip(got, walked, strict=True)), (args, kwargs)
