@@ -137,12 +137,15 @@ class IncidentExtension(Extension):
         cur.stepped = self._steps_inside = True
         if self.cfg.weights == "after_step":
             return
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return
+        grads = [p.grad for p in params]
         if self.cfg.weights == "auto" and not stats.reads_host(grads[0].device):
             return  # on an accelerator the read would wait for the device every step: after_step instead
-        norm = float(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))  # the one host read
+        norm = run.gradient_norm(params)  # a sampled step on CPU: from the monitor's own gradient rows
+        if norm is None:
+            norm = float(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False))  # the one host read
         cur.grad_norm = norm
         cur.grad_spike = self._grad_spikes.check(norm)  # non-finite counts too
         bad = cur.grad_spike and (self.cfg.spikes or not math.isfinite(norm))

@@ -18,6 +18,8 @@ What it offers:
 * ``rule_context``: what a :class:`~stethoscope.rules.producer.FindingProducer` needs — every finding is
   proposed through one and written at its ``settle`` (``findings`` is the log, for reading);
 * ``rules``: the running rules; ``extension(name)``;
+* ``gradient_norm(params)``: the total gradient norm the monitor's own read gives at the optimizer step, where
+  it has one on the host;
 * ``write_meta(status, error)``: rewrite ``meta.json`` (a crash seen outside a step, e.g. SIGTERM).
 """
 
@@ -162,6 +164,13 @@ class RunContext:
         mon = self._monitor()
         if mon is not None:
             mon._errors.record(where, exc)
+
+    def gradient_norm(self, params: list[torch.Tensor]) -> float | None:
+        """The total norm of ``params``' gradients from the rows the monitor read at this optimizer step's
+        pre-hook, when it read exactly those in host memory (a sampled step on CPU), else None: a component
+        that needs the norm there (incident capture) then spares reading every gradient a second time."""
+        mon = self._monitor()
+        return mon._gradients.host_grad_norm(params) if mon is not None else None
 
     def hooks(self, owner: str) -> HookSet:
         """A new :class:`HookSet` for ``owner``; the monitor removes it too when it lets go of the model."""

@@ -24,17 +24,21 @@ this step's ``update()`` ride along as one ``amp`` row in that step's transfer (
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from stethoscope import stats
 from stethoscope.collector import Entry, StepCollector
 from stethoscope.distributed import sharded
 from stethoscope.hooks import HookSet
 from stethoscope.monitor.engine import StatsEngine, no_autocast
+from stethoscope.stats import _IDX, RAW_WIDTH
 
 Guard = Callable[..., Any]
 
@@ -82,6 +86,9 @@ class GradientReader:
         self._amp_folded: torch.Tensor | None = None
         self._amp_folded_steps = 0
         self._amp_last: Callable[[], Any] = lambda: None  # the last flag seen (no update() between two steps)
+        # the rows of this optimizer step's read, when it happened at the step pre-hook with every row in host
+        # memory: (ids of the parameters read, their rows); lets others take the total norm without a re-read
+        self._host_read: tuple[frozenset, list[torch.Tensor], list[int]] | None = None
 
     @property
     def scaler(self) -> Any:
@@ -117,6 +124,7 @@ class GradientReader:
         self._scaler_states = getattr(scaler, "_per_optimizer_states", None)
         self.missing = []
         self._snapshot = []
+        self._host_read = None
 
     def end_step(self) -> list[str]:
         """Read now if nothing did yet; the names that had no gradient."""
@@ -210,10 +218,35 @@ class GradientReader:
                 row = self.engine.compute(g, False, None, eps=0.0)  # a gradient is zero only where exactly 0
             queued.append((name, g.numel(), row))
         small_rows = iter(self.engine.compute_small(small, eps=0.0))
+        rows = []
         for name, count, row in queued:
-            self.collector.add(Entry("grad", name, "", 0, count), row if row is not None else next(small_rows))
+            row = row if row is not None else next(small_rows)
+            rows.append(row)
+            self.collector.add(Entry("grad", name, "", 0, count), row)
+        if inv is None and not self.sharded_grads and all(stats.reads_host(r.device) for r in rows):
+            read = {name for name, _, _ in queued}
+            ids = frozenset(id(p) for name, p in self.grad_params if name in read)
+            self._host_read = (ids, rows, [count for _, count, _ in queued])
         if self.sharded_grads and self.scheduled:
             self._read_sharded(inv)
+
+    def host_grad_norm(self, params: list[torch.Tensor]) -> float | None:
+        """Total L2 norm of the gradients of ``params`` from this optimizer step's rows, or None.
+
+        Only when the monitor read exactly those parameters at this step's pre-hook, unscaled, with every row
+        in host memory (CPU: no transfer); NaN when an entry was not finite. Otherwise None: compute it.
+        """
+        if self._host_read is None:
+            return None
+        ids, rows, counts = self._host_read
+        if frozenset(id(p) for p in params) != ids or not rows:
+            return None
+        raw = torch.stack([r[:RAW_WIDTH] for r in rows]).to(torch.float64).numpy()  # (P, RAW_WIDTH)
+        if raw[:, _IDX["nonfinite"]].any():
+            return math.nan
+        sums, dev = raw[:, _IDX["sum"]], raw[:, _IDX["dev_norm"]]  # per parameter: Σg, ‖g - mean‖
+        squares = dev * dev + sums * sums / np.asarray(counts, dtype=np.float64)  # Σg² = ‖g - mean‖² + (Σg)²/n
+        return math.sqrt(max(float(squares.sum()), 0.0))
 
     # ------------------------------------------------------------------ the GradScaler
     def _found_inf(self, scaler: Any) -> torch.Tensor | None:
@@ -276,6 +309,8 @@ class GradientReader:
     def _before_optimizer_step(self) -> None:
         # A closure optimizer (LBFGS; Lightning in fp32) enters step() before its forward and backward run:
         # the gradients are read only once a backward has written them (else after_backward or the step's end)
+        # only rows read here are what this step applies (an earlier read may precede clipping)
+        self._host_read = None
         if self.read_at_optimizer_step and self.changed():
             self.read()
         self._snapshot = []

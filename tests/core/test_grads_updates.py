@@ -248,3 +248,38 @@ def test_grad_scaler_skipped_step_is_read_and_unscaled(run_dir, pass_scaler, rea
         else:
             assert row["nonfinite"] == 0
             assert row["norm"] == pytest.approx(true, rel=1e-4), (row["step"], row["name"])
+
+
+def test_gradient_norm_from_the_monitors_rows_at_the_optimizer_step(tmp_path):
+    # incident capture needs the total gradient norm before every update; on a sampled CPU step the monitor
+    # has just read every gradient at the same pre-hook, so the run context gives it from those rows: equal to
+    # torch's own total norm, and None whenever the rows may not be what the optimizer applies
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.LayerNorm(3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    seen = []
+
+    def probe(optimizer, args, kwargs):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((mon.context.gradient_norm(params),
+                     float(torch.nn.utils.get_total_norm([p.grad for p in params])),
+                     mon.context.gradient_norm(params[:-1])))
+
+    mon = st.Monitor(net, opt, run_dir=tmp_path / "run", schedule=lambda s: s != 1)
+    opt.register_step_pre_hook(probe)  # after the monitor's own pre-hook
+    x = torch.randn(16, 6)
+    for step in range(4):
+        with mon.step(step):
+            loss = net(x).pow(2).mean()
+            loss.backward()
+            if step == 2:  # read early, then clipped: the rows are not what the optimizer applies
+                mon.after_backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1e-3)
+            opt.step()
+            opt.zero_grad()
+    mon.close()
+    shared, torch_norm, subset = zip(*seen, strict=True)
+    assert shared[0] == pytest.approx(torch_norm[0], rel=1e-6) and shared[3] == pytest.approx(torch_norm[3], rel=1e-6)
+    assert shared[1] is None  # unsampled: the monitor read nothing
+    assert shared[2] is None  # read before clipping
+    assert subset[0] is None  # another set of parameters than the monitor read
