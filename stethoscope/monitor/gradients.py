@@ -323,8 +323,18 @@ class GradientReader:
             params.append(p.detach())
         for device, (names, params) in groups.items():
             chosen = self._choose(device, params)
-            weight_norms = torch._foreach_norm(params)  # P device scalars: ‖w‖ before the step, no copy
-            copies = [params[i].clone() for i in chosen]  # at most the budget (or one larger parameter)
+            if stats.reads_host(device):  # ‖w‖ of a copied parameter from its copy, while still in cache
+                copies, weight_norms = [], [None] * len(params)
+                for i in chosen:
+                    copies.append(params[i].clone())
+                    weight_norms[i] = torch.linalg.vector_norm(copies[-1])
+                rest = [i for i in range(len(params)) if weight_norms[i] is None]
+                for i, norm in zip(rest, torch._foreach_norm([params[i] for i in rest]) if rest else [],
+                                   strict=True):
+                    weight_norms[i] = norm
+            else:  # one fused launch for every norm on an accelerator
+                weight_norms = torch._foreach_norm(params)  # P device scalars: ‖w‖ before the step, no copy
+                copies = [params[i].clone() for i in chosen]  # at most the budget (or one larger parameter)
             self._snapshot.append((device, names, chosen, copies, weight_norms))
 
     def _choose(self, device: torch.device, params: list[torch.Tensor]) -> list[int]:
