@@ -86,6 +86,18 @@ class StepCollector:
         else:
             self._features[key] = torch.maximum(prev, per_feature)
 
+    def _dead_counts(self, keys: list[tuple]) -> list[torch.Tensor]:
+        """Per key, a float32 device scalar: features whose merged max |x| is <= eps. Keys whose vectors have
+        one length and device are counted in one stacked reduction (a model has a handful of widths)."""
+        vectors = [self._features[k] for k in keys]
+        counts: list[torch.Tensor | None] = [None] * len(keys)
+        for members in _stack_groups(vectors).values():
+            block = torch.stack([vectors[i] for i in members]) if len(members) > 1 else vectors[members[0]][None]
+            dead = torch.le(block.reshape(len(members), -1), self.eps).sum(1).to(torch.float32)  # (k,)
+            for j, i in enumerate(members):
+                counts[i] = dead[j]
+        return counts
+
     def fetch(self) -> tuple[list[Entry], list[np.ndarray], dict[tuple, float]]:
         """Copy every queued row to the host: one ``cat`` and one ``.cpu()`` per device.
 
@@ -93,7 +105,7 @@ class StepCollector:
         merged feature key.
         """
         feature_keys = list(self._features)
-        dead_rows = [torch.le(self._features[k], self.eps).sum().to(torch.float32) for k in feature_keys]
+        dead_rows = self._dead_counts(feature_keys)
         by_device: dict[torch.device, list[int]] = {}
         starts = []  # each entry's first part in self._rows
         pos = 0
@@ -127,10 +139,21 @@ class StepCollector:
         return entries, host_rows, dead
 
 
+def _stack_groups(vectors: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``vectors`` grouped by (device, length): each group is stacked into one (k, C) reduction."""
+    groups: dict[tuple, list[int]] = {}
+    for i, v in enumerate(vectors):
+        groups.setdefault((v.device, v.shape[0] if v.dim() == 1 else -1 - i), []).append(i)
+    return groups
+
+
 def merge_stats(parts: list[tuple[np.ndarray, int]], features: int, dead: float | None) -> Stats:
     """Merge raw rows of several calls (each with its element count) into one :class:`Stats`."""
-    if len(parts) == 1 and dead is None:
+    if len(parts) == 1:  # one call: its row as it is, with the merged dead count where there is one
         raw, count = parts[0]
+        if dead is not None:
+            raw = np.array(raw, dtype=np.float64)
+            raw[_IDX["dead"]] = dead
         return finalize(raw, count, features)
     merged = merge_host_rows([raw for raw, _ in parts], [count for _, count in parts])
     merged[_IDX["dead"]] = math.nan if dead is None else dead
