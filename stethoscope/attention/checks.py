@@ -166,10 +166,14 @@ def select_sequences(call: AttentionCall, probs: torch.Tensor | None, index: tor
     call's batch dimension (a mask shared by the batch, None) is passed through as it is.
     """
     b = (probs if probs is not None else call.query).shape[0]
+    # the first k sequences (no padding to prefer: the usual case) are views, not copies; the index is sorted
+    # and unique, so it is 0..k-1 exactly when its last entry is k-1 (read only where it is in host memory)
+    k = index.numel()
+    first = index.device.type == "cpu" and k > 0 and int(index[-1]) == k - 1
 
     def take(t: Any) -> Any:
         if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == b:
-            return t.index_select(0, index.to(t.device))
+            return t[:k] if first else t.index_select(0, index.to(t.device))
         return t
 
     part = AttentionCall(**{**call.__dict__, "query": take(call.query), "key": take(call.key),
