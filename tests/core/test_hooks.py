@@ -239,28 +239,37 @@ def test_weight_sharing_one_module_used_twice(run_dir):
     assert grads.loc["shared.weight", "norm"] == pytest.approx(grad.norm().item(), rel=1e-5)
 
 
-def test_dead_feature_alive_in_one_call_is_not_dead(run_dir):
-    class Gate(nn.Module):
-        def forward(self, x, keep):
-            return x * keep
+class _Gate(nn.Module):
+    def forward(self, x, keep):
+        return x * keep
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gate = Gate()
 
-        def forward(self, x):
-            k1 = torch.tensor([0.0, 1.0, 1.0, 0.0])
-            k2 = torch.tensor([1.0, 1.0, 1.0, 0.0])
-            return self.gate(x, k1) + self.gate(x, k1) + self.gate(x, k2)
+class _GatedNet(nn.Module):
+    """One gate module called once per ``(sign, keep)`` pair: its calls merge into one statistics row."""
 
-    net = Net()
+    def __init__(self, calls: list[tuple[float, torch.Tensor]]):
+        super().__init__()
+        self.gate = _Gate()
+        self.calls = calls
+
+    def forward(self, x):
+        return sum(self.gate(sign * x, keep) for sign, keep in self.calls)
+
+
+def _gate_row(run_dir, calls, x):
+    net = _GatedNet(calls)
     path = run_dir()
     mon = st.Monitor(net, run_dir=path, config=quiet_config())
     with mon.step(0):
-        net(torch.randn(5, 4) + 2.0)
+        net(x)
     mon.close()
-    gate = rows(path, "act", 0).set_index("name").loc["gate"]
+    return rows(path, "act", 0).set_index("name").loc["gate"]
+
+
+def test_dead_feature_alive_in_one_call_is_not_dead(run_dir):
+    k1 = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    k2 = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    gate = _gate_row(run_dir, [(1.0, k1), (1.0, k1), (1.0, k2)], torch.randn(5, 4) + 2.0)
     assert gate["calls"] == 3
     assert gate["dead_features"] == 1  # only feature 3; feature 0 lives in the third call
     assert gate["zero_fraction"] == pytest.approx((2 * 2 + 1) / 12)
@@ -269,31 +278,10 @@ def test_dead_feature_alive_in_one_call_is_not_dead(run_dir):
 def test_a_call_with_no_entry_near_zero_keeps_every_feature_alive(run_dir):
     # a chunk with no |x| <= eps skips the per-feature max (its smallest |x| stands for every feature): merged
     # with calls whose features are dead, every feature lives; without it, the dead ones stay dead
-    class Gate(nn.Module):
-        def forward(self, x, keep):
-            return x * keep
-
-    class Net(nn.Module):
-        def __init__(self, alive_call: bool):
-            super().__init__()
-            self.gate = Gate()
-            self.alive_call = alive_call
-
-        def forward(self, x):
-            k = torch.tensor([0.0, 1.0, 1.0, 0.0])
-            out = self.gate(x, k) + self.gate(-x, k)
-            return out + self.gate(x, torch.full((4,), 3.0)) if self.alive_call else out
-
+    k = torch.tensor([0.0, 1.0, 1.0, 0.0])
     x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).abs() + 0.5  # no entry near zero
-    for alive_call, dead in ((True, 0), (False, 2)):
-        net = Net(alive_call)
-        path = run_dir()
-        mon = st.Monitor(net, run_dir=path, config=quiet_config())
-        with mon.step(0):
-            net(x)
-        mon.close()
-        gate = rows(path, "act", 0).set_index("name").loc["gate"]
-        assert gate["dead_features"] == dead, alive_call
+    assert _gate_row(run_dir, [(1.0, k), (-1.0, k), (1.0, torch.full((4,), 3.0))], x)["dead_features"] == 0
+    assert _gate_row(run_dir, [(1.0, k), (-1.0, k)], x)["dead_features"] == 2
 
 
 def test_tied_embedding_and_lm_head(tiny_gpt2, run_dir):
