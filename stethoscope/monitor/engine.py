@@ -24,10 +24,20 @@ def tensor_key(t: torch.Tensor) -> tuple:
 
 
 def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Statistics in the tensor's own precision, whatever autocast region the hook fires in."""
-    if device.type in ("cuda", "cpu"):
+    """Statistics in the tensor's own precision, whatever autocast region the hook fires in.
+
+    Outside an autocast region nothing is entered (entering one costs more than a small tensor's statistics).
+    """
+    if device.type in ("cuda", "cpu") and _autocast_on(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class StatsEngine:
