@@ -245,34 +245,23 @@ def blocked_statistics(
             on_sink = (arg == first_idx) | ((arg == last_idx) if not call.causal else torch.zeros_like(good))
         sharp = two & (inv >= ONE_HOT)  # the largest probability is exp(m - m) / l
         one_hot = sharp & ~on_sink
-        part = torch.stack(
-            [
-                torch.zeros(h, device=device),  # sequences: set once above
-                good.sum((0, 2)).to(f32),
-                torch.where(good, ent, zero).sum((0, 2)),
-                torch.where(two, ent_norm, zero).sum((0, 2)),
-                two.sum((0, 2)).to(f32),
-                sink_rows.sum((0, 2)).to(f32),
-                torch.where(sink_rows, p_first, zero).sum((0, 2)),
-                torch.where(sink_rows, p_last, zero).sum((0, 2)) if not call.causal else torch.zeros(h, device=device),
-                one_hot.sum((0, 2)).to(f32),
-                (sharp & on_sink).sum((0, 2)).to(f32),
-                (valid & nan_row).sum((0, 2)).to(f32),
-            ],
-            dim=1,
-        )  # (nh, len(SUM_COLUMNS))
-        sums += part
-        block_max = torch.stack(
-            [
-                torch.where(good, (row_sum - 1).abs(), zero).amax(dim=(0, 2)),
-                torch.where(good, (fut * inv).abs(), zero).amax(dim=(0, 2)) if call.causal
-                else torch.zeros(h, device=device),
-                torch.where(good, (padm * inv).abs(), zero).amax(dim=(0, 2)) if pad is not None
-                else torch.zeros(h, device=device),
-                torch.where(good, m, _NEG).amax(dim=(0, 2)),
-            ],
-            dim=1,
-        )  # (nh, 4)
+        # every sum and maximum of the block in one masked reduction each (the row columns, in order)
+        one, nothing = torch.ones_like(ent), torch.zeros_like(ent)  # (B, nh, Bq)
+        masks = torch.stack([good, good, two, two, sink_rows, sink_rows, sink_rows, one_hot, sharp & on_sink,
+                             valid & nan_row])  # (10, B, nh, Bq)
+        values = torch.stack([one, ent, ent_norm, one, one, p_first, nothing if call.causal else p_last, one, one,
+                              one])  # (10, B, nh, Bq)
+        counted = torch.where(masks, values, zero).sum((1, 3))  # (10, nh)
+        sums += torch.cat([torch.zeros(1, h, device=device), counted]).T  # (nh, len(SUM_COLUMNS)); sequences: above
+        extremes = torch.stack([
+            (row_sum - 1).abs(),
+            (fut * inv).abs() if call.causal else nothing,
+            (padm * inv).abs() if pad is not None else nothing,
+            m,
+        ])  # (4, B, nh, Bq)
+        fill = torch.zeros(4, 1, 1, 1, device=device)
+        fill[3] = _NEG  # an invalid row's largest logit is no logit at all
+        block_max = torch.where(good, extremes, fill).amax(dim=(1, 3)).T  # (nh, 4)
         maxes = torch.maximum(maxes, block_max)
     # no valid row: the largest logit is unknown, not -inf
     maxes[:, 3] = torch.where(maxes[:, 3] == _NEG, torch.full((), float("nan"), device=device), maxes[:, 3])
