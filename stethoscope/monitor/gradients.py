@@ -370,8 +370,9 @@ class GradientReader:
         for device, names, chosen, copies, weight_norms in self._snapshot:
             measured = [names[i] for i in chosen]
             current = [by_name[n].detach() for n in measured]
-            # ‖w_before - w_after‖ read straight from both: no third tensor written and read again
-            delta_norms = [torch.dist(before, after) for before, after in zip(copies, current, strict=True)]
+            # in place in the copies, which are dropped next (torch.dist would allocate a difference per tensor)
+            torch._foreach_sub_(copies, current)  # copies = w_before - w_after = -Δw
+            delta_norms = torch._foreach_norm(copies)
             row = torch.cat([
                 torch.stack([d.float() for d in delta_norms]),  # (m,) ‖Δw‖ of the measured parameters
                 torch.stack([w.float() for w in weight_norms]),  # (P,) ‖w‖ of every selected parameter
