@@ -244,8 +244,10 @@ class GradientReader:
         raw = torch.stack([r[:RAW_WIDTH] for r in rows]).to(torch.float64).numpy()  # (P, RAW_WIDTH)
         if raw[:, _IDX["nonfinite"]].any():
             return math.nan
-        sums, dev = raw[:, _IDX["sum"]], raw[:, _IDX["dev_norm"]]  # per parameter: Σg, ‖g - mean‖
-        squares = dev * dev + sums * sums / np.asarray(counts, dtype=np.float64)  # Σg² = ‖g - mean‖² + (Σg)²/n
+        n = np.asarray(counts, dtype=np.float64)
+        some = n > 0  # an empty gradient adds nothing (its row holds NaN, not a non-finite entry)
+        sums, dev = raw[some, _IDX["sum"]], raw[some, _IDX["dev_norm"]]  # per parameter: Σg, ‖g - mean‖
+        squares = dev * dev + sums * sums / n[some]  # Σg² = ‖g - mean‖² + (Σg)²/n
         return math.sqrt(max(float(squares.sum()), 0.0))
 
     # ------------------------------------------------------------------ the GradScaler

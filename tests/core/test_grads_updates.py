@@ -283,3 +283,24 @@ def test_gradient_norm_from_the_monitors_rows_at_the_optimizer_step(tmp_path):
     assert shared[1] is None  # unsampled: the monitor read nothing
     assert shared[2] is None  # read before clipping
     assert subset[0] is None  # another set of parameters than the monitor read
+
+
+def test_gradient_norm_from_rows_skips_an_empty_gradient(tmp_path):
+    # a zero-size parameter's row holds NaN statistics, not a non-finite entry: the shared norm ignores it
+    net = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    net.register_parameter("empty", nn.Parameter(torch.zeros(0, 3)))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    seen = []
+
+    def probe(optimizer, args, kwargs):
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append((mon.context.gradient_norm(params), float(torch.nn.utils.get_total_norm([p.grad for p in params]))))
+
+    mon = st.Monitor(net, opt, run_dir=tmp_path / "run", schedule=lambda s: True, config=quiet_config())
+    opt.register_step_pre_hook(probe)
+    with mon.step(0):
+        (net(torch.randn(5, 4, generator=torch.Generator().manual_seed(0))).sum() + net.empty.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert seen[0][0] == pytest.approx(seen[0][1], rel=1e-6)
