@@ -17,7 +17,7 @@ from stethoscope.record import StepRecord, UpdateRecord
 from stethoscope.rules import updates
 from tests.rules.test_rules_unit import ADAM, feed, make, only_open, upd_step
 
-from ._helpers import batch, quiet_config, rows
+from ._helpers import batch, quiet_config, rows, train
 
 MiB = 2**20
 # tiny_mlp: 0.weight 16x8 (512 B), 0.bias 16 (64 B), 2.weight 4x16 (256 B), 2.bias 4 (16 B), in this order
@@ -153,19 +153,10 @@ def test_a_resumed_run_goes_on_where_the_round_robin_stood(run_dir, tiny_mlp):
     opt = torch.optim.Adam(tiny_mlp.parameters(), lr=1e-2)
     cfg = quiet_config(stats={"update_budget_mb": 0.0})
     mon = st.Monitor(tiny_mlp, opt, run_dir=path, config=cfg)
-    for step in range(2):
-        x, y = batch(step)
-        with mon.step(step):
-            (tiny_mlp(x) - y).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
+    train(mon, tiny_mlp, opt, range(2))
     mon.close()
     mon = st.Monitor(tiny_mlp, opt, run_dir=path, config=cfg, resume=True)
-    x, y = batch(2)
-    with mon.step(2):
-        (tiny_mlp(x) - y).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train(mon, tiny_mlp, opt, range(2, 3))
     mon.close()
     up = rows(path, "update")
     assert [list(up[up["step"] == s]["name"]) for s in range(3)] == [["0.weight"], ["0.bias"], ["2.weight"]]

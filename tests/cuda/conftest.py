@@ -5,22 +5,17 @@ Run them on a GPU machine with ``pytest -m cuda tests/cuda`` or ``benchmarks/gpu
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from rich.console import Console
 
-from stethoscope.console import set_console
+from tests._console import console_text  # noqa: F401  (autouse: monitor enabled, seeded, captured console)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(autouse=True)
-def quiet_console(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.delenv("STETHOSCOPE_DISABLE", raising=False)
-    set_console(Console(file=io.StringIO(), width=120, color_system=None))
+def free_cuda_cache():
+    """Each test's CUDA allocations go back to the device, so memory readings start from a clean cache."""
     yield
-    set_console(None)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
