@@ -238,6 +238,8 @@ def _host_chunk(
         return None, None
     lo, hi = (float(v) for v in torch.aminmax(x))
     absmax = max(hi, -lo)
+    # the kernels compare in float32: the host decides against the same rounded bounds
+    eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
     safe = _SAFE_LOW <= absmax <= _SAFE_HIGH or absmax == 0.0
     dev_norm = None
     min_square = saturated = None
@@ -250,7 +252,7 @@ def _host_chunk(
             dev_norm = math.sqrt(max(squares - total * total / m, 0.0))
             min_square = float(work.amin())  # the squares are still in ``work``: (min |x|)^2, rounded
             bound = _square_bound(saturation)
-            if absmax > bound_32(saturation) and bound is not None:  # counted on the squares: no |x| pass
+            if absmax > saturation32 and bound is not None:  # counted on the squares: no |x| pass
                 saturated = float(torch.gt(work, bound, out=work).sum())
     if dev_norm is None:  # a dominant mean, or magnitudes whose squares leave float32: centre (and scale)
         mean32 = float(np.float32(total / m))  # the mean the float32 kernel subtracts
@@ -264,8 +266,6 @@ def _host_chunk(
         # Corrected two-pass, as on the device road: the deviations' own sum removes the rounded mean's bias
         dev_norm = math.sqrt(max(squares - drift * drift / m, 0.0)) / scale
         total = m * mean32 + drift / scale
-    # the kernels compare in float32: the host decides against the same rounded bounds
-    eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
     # The smallest |x| decides the zero count and the dead features: known from the extremes for a chunk of
     # one sign, else from the squares' minimum where that clearly exceeds eps^2 (no |x| pass at all), else read.
     signed = lo < 0.0 < hi
@@ -323,11 +323,6 @@ _ONE_PASS_SHARE = 0.5
 # float32 rounding of its root (the dead-feature bound must stay above eps).
 _SQUARE_MARGIN = 1.0 + 2.0**-18
 _SQUARE_ULP = 2.0**-149  # the absolute rounding of a square that fell below float32's normal range
-
-
-def bound_32(bound: float) -> float:
-    """``bound`` rounded to float32, as the kernels compare against it."""
-    return float(np.float32(bound))
 
 
 @functools.lru_cache(maxsize=64)
