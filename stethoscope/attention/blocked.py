@@ -24,6 +24,8 @@ with no host read.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from stethoscope.attention.capture import AttentionCall
@@ -94,6 +96,28 @@ def _tile_masks(call: AttentionCall, mask4: torch.Tensor | None, pad: torch.Tens
     return additive, blocked, allowed, future, future_blocked
 
 
+def _allowed_counts(allowed: torch.Tensor, nk: int):
+    """(count, any, first, last) of the allowed keys per query row of a tile mask ``(..., Bq, Bk)``."""
+    first = allowed.to(torch.uint8).argmax(-1)  # (..., Bq) within the tile
+    last = nk - 1 - allowed.flip(-1).to(torch.uint8).argmax(-1)
+    return allowed.sum(-1), allowed.any(-1), first, last
+
+
+@functools.lru_cache(maxsize=32)
+def _positional_tile(causal: bool, implicit_causal: bool, tq: int, tk: int, q0: int, q1: int, k0: int, k1: int,
+                     device: torch.device):
+    """A tile's masks where they follow from positions alone (no mask tensor, no padding): the same for every
+    layer's call, so computed once. ``(blocked, allowed, future, future_blocked, addend, counts)``, with
+    ``addend`` the (Bq, Bk) -inf/0 scores addend of a 2-D ``blocked`` and ``counts`` :func:`_allowed_counts`.
+    The tensors are shared: never modified in place."""
+    call = AttentionCall(name="", module=None, causal=causal, implicit_causal=implicit_causal)
+    _, blocked, allowed, future, future_blocked = _tile_masks(call, None, None, tq, tk, q0, q1, k0, k1, device)
+    addend = None
+    if blocked is not None and blocked.dim() == 2:
+        addend = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, _NEG)  # (Bq, Bk)
+    return blocked, allowed, future, future_blocked, addend, _allowed_counts(allowed, k1 - k0)
+
+
 def blocked_statistics(
     call: AttentionCall,
     padding: torch.Tensor | None = None,
@@ -127,6 +151,8 @@ def blocked_statistics(
     skip_future = mask4 is None and call.mask is None and call.implicit_causal and call.causal and tq == tk
     two_d = isinstance(call.mask, torch.Tensor) and call.mask.dim() == 2
     sink_by_score = call.causal and pad is None and not two_d
+    # masks from positions alone (the same tiles in every layer): cached
+    positional = call.mask_tiles is None and mask4 is None and call.mask is None and pad is None
     f32 = torch.float32
     zero = torch.zeros((), device=device)
     sums = torch.zeros(h, len(SUM_COLUMNS), device=device)
@@ -139,33 +165,34 @@ def blocked_statistics(
         nq = q1 - q0
         qb = q_all[:, :, q0:q1].float()  # (B, nh, Bq, hs)
         shape = (b, h, nq)
-        m = torch.full(shape, _NEG, device=device)  # running max of the masked scores
-        l = torch.zeros(shape, device=device)  # Σ exp(s - m)  # noqa: E741
-        u = torch.zeros(shape, device=device)  # Σ exp(s - m) (s - m)
-        fut = torch.zeros(shape, device=device)  # Σ exp(s - m) on future keys
-        padm = torch.zeros(shape, device=device)  # Σ exp(s - m) on padding keys
-        n_allowed = torch.zeros(shape, device=device)
-        first = torch.full(shape, tk, dtype=torch.long, device=device)  # first allowed key (tk = none yet)
-        last = torch.full(shape, -1, dtype=torch.long, device=device)
-        s_first = torch.full(shape, _NEG, device=device)  # its masked score
-        s_last = torch.full(shape, _NEG, device=device)
-        # the key at the running max, to tell a sink's top key from a one-hot row's. Not needed where every
-        # key before the first allowed one is blocked (causal, no padding beside the mask): the top key is
-        # the first allowed one exactly when its score is the row's maximum
-        arg = None if sink_by_score else torch.zeros(shape, dtype=torch.long, device=device)
+        # Per row, carried across key tiles (the first tile sets them; there is no state before it):
+        # m the running max of the masked scores, l = Σ exp(s - m), u = Σ exp(s - m) (s - m), fut / padm the
+        # Σ exp(s - m) on future / padding keys, the allowed keys' count, the first and last allowed key (tk / -1
+        # while none) with their masked scores, and the key at the running max (``arg``), to tell a sink's top
+        # key from a one-hot row's. ``arg`` is not needed where every key before the first allowed one is
+        # blocked (causal, no padding beside the mask): the top key is the first allowed one exactly when its
+        # score is the row's maximum.
+        m = l = u = fut = padm = n_allowed = first = last = s_first = s_last = arg = None  # noqa: E741
         k_end = min(tk, q1) if skip_future else tk
         for k0 in range(0, k_end, bk):
             k1 = min(k_end, k0 + bk)
             kt = k_all[:, :, k0:k1].float()
             if n_rep > 1:
                 kt = kt[:, :, None].expand(b, kt.shape[1], n_rep, k1 - k0, kt.shape[-1]).reshape(b, h, k1 - k0, -1)
-            additive, blocked, allowed, future, future_blocked = _tile_masks(
-                call, mask4, pad, tq, tk, q0, q1, k0, k1, device)
             nk = k1 - k0
+            if positional:
+                blocked, allowed, future, future_blocked, addend, counts = _positional_tile(
+                    call.causal, call.implicit_causal, tq, tk, q0, q1, k0, k1, device)
+                additive = None
+            else:
+                additive, blocked, allowed, future, future_blocked = _tile_masks(
+                    call, mask4, pad, tq, tk, q0, q1, k0, k1, device)
+                addend, counts = None, _allowed_counts(allowed, nk)
             if blocked is not None and blocked.dim() == 2 and additive is None and not call.softcap and bias is None:
                 # one (Bq, Bk) mask for every sequence and head (SDPA's is_causal): scaled and masked by the
                 # product itself, -inf added at blocked keys (a broadcast masked_fill_ costs more than the bmm)
-                addend = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, _NEG)  # (Bq, Bk)
+                if addend is None:
+                    addend = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, _NEG)  # (Bq, Bk)
                 s = torch.baddbmm(addend, qb.reshape(b * h, nq, -1), kt.reshape(b * h, nk, -1).transpose(1, 2),
                                   alpha=call.scaling).view(b, h, nq, nk)  # (B, nh, Bq, Bk)
             else:
@@ -178,45 +205,60 @@ def blocked_statistics(
                     s = s.add_(additive)
                 if blocked is not None:
                     s = s.masked_fill_(blocked, _NEG)
-            # --- the online softmax: move every sum to the new maximum. The tile's own softmax kernel gives
-            # p = exp(s - t_max) / L (fast at blocked keys: a plain exp of -inf or of an underflow takes
-            # several times longer on CPU); every tile sum then is L times a sum over p, rescaled to the row's
-            # running maximum by beta = exp(t_max - m_new).
+            # --- the tile's sums. Its own softmax kernel gives p = exp(s - t_max) / L (fast at blocked keys: a
+            # plain exp of -inf or of an underflow takes several times longer on CPU); every tile sum then is L
+            # times a sum over p.
             t_max = s.amax(-1)  # (B, nh, Bq); NaN propagates: such rows end NaN, counted as non-finite
             p = torch.softmax(s, -1)  # (B, nh, Bq, Bk); 0 at blocked keys, NaN where a row has no key here
             none = t_max == _NEG  # rows with every key of this tile blocked: they add nothing
-            d = torch.sub(s, torch.where(none, zero, t_max)[..., None])  # s - t_max, -inf at blocked keys
+            # what the truth allows: counts, first and last allowed key and their scores (read from s before
+            # s becomes s - t_max below)
+            t_allowed, any_allowed, t_first, t_last = (c.expand(shape) for c in counts)  # (B, nh, Bq) each
+            t_s_first = s.gather(-1, t_first[..., None]).squeeze(-1)
+            t_s_last = s.gather(-1, t_last[..., None]).squeeze(-1)
+            t_arg = None if sink_by_score else s.argmax(-1)  # (B, nh, Bq)
+            d = s.sub_(torch.where(none, zero, t_max)[..., None])  # s - t_max in place, -inf at blocked keys
             d = d.nan_to_num_(nan=_NAN, posinf=_INF, neginf=0.0)  # p is 0 there: the product must be too
             tile_l = torch.where(none, zero, 1.0 / p.amax(-1))  # L = Σ exp(s - t_max): the top p is 1 / L
-            tile_u = torch.where(none, zero, torch.linalg.vecdot(p, d))  # Σ p (s - t_max)
-            new_m = torch.maximum(m, t_max)
-            safe = torch.where(new_m == _NEG, zero, new_m)  # rows with nothing seen yet keep 0
-            alpha = torch.exp(m - safe)  # 0 when m was -inf
-            beta = torch.where(none, zero, tile_l * torch.exp(t_max - safe))  # the tile's Σ exp(s - m_new)
-            shift = torch.where(l > 0, m - safe, zero)  # (m_old - m_new); 0 when nothing was summed
-            # Σ e (s - m_new) = β (Σ p (s - t_max) + (t_max - m_new)), with e = exp(s - m_new) = β p
-            u = alpha * (u + shift * l) + beta * (tile_u + torch.where(none, zero, t_max - safe))
-            l = alpha * l + beta  # noqa: E741
-            if call.causal and not future_blocked:  # (else: no leak to measure, or exactly 0)
-                fut = alpha * fut + beta * torch.where(none, zero, torch.linalg.vecdot(p, future.to(p.dtype)))
+            tile_u = torch.where(none, zero, d.mul_(p).sum(-1))  # Σ p (s - t_max), the products in place
+            with_fut = call.causal and not future_blocked  # (else: no leak to measure, or exactly 0)
+            tile_fut = torch.where(none, zero, torch.linalg.vecdot(p, future.to(p.dtype))) if with_fut else None
+            tile_pad = None
             if pad is not None:
                 pad_keys = pad[:, None, None, k0:k1].to(p.dtype)  # (B, 1, 1, Bk)
-                padm = alpha * padm + beta * torch.where(none, zero, (p * pad_keys).sum(-1))
-            if arg is not None:
-                t_arg = s.argmax(-1)  # (B, nh, Bq)
-                moved = t_max > m  # strictly: ties keep the earlier key, as argmax over the whole row does
-                arg = torch.where(moved, t_arg + k0, arg)
-            m = new_m
-            # --- what the truth allows: counts, first and last allowed key and their scores
-            n_allowed = n_allowed + allowed.sum(-1).expand(shape)
-            any_allowed = allowed.any(-1).expand(shape)
-            t_first = allowed.to(torch.uint8).argmax(-1).expand(shape)  # (B, nh, Bq) within the tile
-            t_last = (k1 - k0 - 1 - allowed.flip(-1).to(torch.uint8).argmax(-1)).expand(shape)
-            take_first = any_allowed & (first == tk)
-            first = torch.where(take_first, t_first + k0, first)
-            s_first = torch.where(take_first, s.gather(-1, t_first[..., None]).squeeze(-1), s_first)
-            last = torch.where(any_allowed, t_last + k0, last)
-            s_last = torch.where(any_allowed, s.gather(-1, t_last[..., None]).squeeze(-1), s_last)
+                tile_pad = torch.where(none, zero, (p * pad_keys).sum(-1))
+            if m is None:  # the first tile: its sums are the row's, relative to its own maximum
+                m, l, u = t_max, tile_l, tile_l * tile_u  # noqa: E741
+                fut = tile_l * tile_fut if with_fut else torch.zeros(shape, device=device)
+                padm = tile_l * tile_pad if pad is not None else None
+                if t_arg is not None:
+                    arg = torch.where(t_max > _NEG, t_arg + k0, 0)  # a row with nothing seen keeps key 0
+                n_allowed = t_allowed.to(torch.float32)
+                first = torch.where(any_allowed, t_first + k0, tk)
+                s_first = torch.where(any_allowed, t_s_first, _NEG)
+            else:  # the online softmax: move every sum to the new maximum
+                new_m = torch.maximum(m, t_max)
+                safe = torch.where(new_m == _NEG, zero, new_m)  # rows with nothing seen yet keep 0
+                alpha = torch.exp(m - safe)  # 0 when m was -inf
+                beta = torch.where(none, zero, tile_l * torch.exp(t_max - safe))  # the tile's Σ exp(s - m_new)
+                shift = torch.where(l > 0, m - safe, zero)  # (m_old - m_new); 0 when nothing was summed
+                # Σ e (s - m_new) = β (Σ p (s - t_max) + (t_max - m_new)), with e = exp(s - m_new) = β p
+                u = alpha * (u + shift * l) + beta * (tile_u + torch.where(none, zero, t_max - safe))
+                l = alpha * l + beta  # noqa: E741
+                if with_fut:
+                    fut = alpha * fut + beta * tile_fut
+                if pad is not None:
+                    padm = alpha * padm + beta * tile_pad
+                if t_arg is not None:
+                    moved = t_max > m  # strictly: ties keep the earlier key, as argmax over the whole row does
+                    arg = torch.where(moved, t_arg + k0, arg)
+                m = new_m
+                n_allowed = n_allowed + t_allowed
+                take_first = any_allowed & (first == tk)
+                first = torch.where(take_first, t_first + k0, first)
+                s_first = torch.where(take_first, t_s_first, s_first)
+            last = torch.where(any_allowed, t_last + k0, -1 if last is None else last)
+            s_last = torch.where(any_allowed, t_s_last, _NEG if s_last is None else s_last)
             if q1 == tq and k1 == k_end and input_ids is not None and input_ids.shape[-1] == tk:
                 # the last query of the first sequence sees the most keys: its first and last allowed key
                 fi = torch.where(first[0, 0, -1] == tk, 0, first[0, 0, -1])
