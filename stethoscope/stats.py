@@ -242,7 +242,7 @@ def _host_chunk(
     eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
     safe = _SAFE_LOW <= absmax <= _SAFE_HIGH or absmax == 0.0
     dev_norm = None
-    min_square = saturated = None
+    min_square = saturated = zero = square_features = None
     if safe:
         # One pass for the spread when the mean is small beside the root mean square (LayerNorm outputs,
         # residual streams, logits, gradients): sum x^2 - (sum x)^2 / n then loses at most a factor
@@ -251,6 +251,15 @@ def _host_chunk(
         if total * total <= _ONE_PASS_SHARE * squares * m:
             dev_norm = math.sqrt(max(squares - total * total / m, 0.0))
             min_square = float(work.amin())  # the squares are still in ``work``: (min |x|)^2, rounded
+            eps_square = _square_bound(eps)
+            if lo < 0.0 < hi and eps_square is not None and min_square <= eps_square:
+                # an entry within eps of zero (dropout, pruned units), seen exactly on the squares: the zero
+                # count and the per-feature maximum read them too, before the saturation count overwrites
+                # them (no |x| pass). sqrt(fl(x * x)) = |x| in float32's normal range, and below it both
+                # sides stay under eps: the per-feature vector decides deadness exactly as max |x| would.
+                if width:
+                    square_features = _feature_absmax(work, width).sqrt_()  # (C,)
+                zero = float(torch.le(work, eps_square, out=spare).sum())
             bound = _square_bound(saturation)
             if absmax > saturation32 and bound is not None:  # counted on the squares: no |x| pass
                 saturated = float(torch.gt(work, bound, out=work).sum())
@@ -270,9 +279,10 @@ def _host_chunk(
     # one sign, else from the squares' minimum where that clearly exceeds eps^2 (no |x| pass at all), else read.
     signed = lo < 0.0 < hi
     mag = None if lo < 0.0 else x  # |x| once a pass needs it; a non-negative chunk is its own
-    zero = None
     if not signed:
         smallest = min(abs(lo), abs(hi))
+    elif zero is not None:  # counted on the squares above: some entry is within eps of zero
+        smallest = 0.0
     elif min_square is not None and min_square > eps32 * eps32 * _SQUARE_MARGIN:
         smallest = math.sqrt(min_square)  # above eps, and so is its float32 rounding
     elif eps32 == 0.0 and not width:  # only exact zeros count, and nothing else needs |x| (gradients)
@@ -289,7 +299,7 @@ def _host_chunk(
     if not width:
         per_feature = None
     elif near_zero:
-        per_feature = _feature_absmax(mag, width)  # (C,)
+        per_feature = square_features if square_features is not None else _feature_absmax(mag, width)  # (C,)
     else:  # no feature can be dead: a lower bound of every feature's max |x| above eps decides that alike
         per_feature = torch.full((width,), smallest, dtype=torch.float32)  # (C,)
     over_hi, over_lo = hi > saturation32, -lo > saturation32  # entries beyond +bound / -bound may exist

@@ -374,3 +374,28 @@ def test_saturation_counted_on_squares_is_exact_at_any_bound(sat):
     values = np.concatenate([rng.normal(0, 2 * sat, 500).astype(np.float32), around, [-v for v in around]])
     v = values.astype(np.float32).reshape(1, -1)
     assert_matches(engine(torch.from_numpy(v.copy()), sat=sat), reference(v, sat=sat))
+
+
+def test_dead_features_and_zeros_read_on_the_squares_match_max_abs():
+    # a signed tensor with entries within eps of zero (dropout, pruned units): the host road counts its zeros
+    # and its features' maxima on the squares (no |x| pass); columns at eps exactly, one float32 step above
+    # it, and squares below float32's normal range must decide as |x| <= eps does, over several chunks too
+    eps32 = np.float32(EPS)
+    above = np.nextafter(eps32, np.float32(1))
+    g = torch.Generator().manual_seed(11)
+    t = torch.randn(64, 12, generator=g)
+    t[::3] *= torch.rand(t[::3].shape, generator=g) > 0.5  # exact zeros, as dropout leaves
+    t[:, 2] = 0.0
+    t[:, 5] = torch.tensor([1e-30, -1e-30, 3e-9, -1e-20] * 16)
+    t[:, 7] = torch.tensor([float(eps32), -float(eps32)] * 32)
+    t[:, 9] = 0.0
+    t[40, 9] = float(-above)
+    v = t.numpy()
+    for chunk in (None, 96):
+        feats: list[torch.Tensor] = []
+        row = tensor_stats(t, EPS, SAT, features=True, feature_absmax=feats,
+                           scratch=Scratch(chunk) if chunk else None)
+        got = finalize(row.numpy(), t.numel(), 12).as_dict()
+        assert_matches(got, reference(v))
+        assert got["dead_features"] == 3  # columns 2, 5 and 7; column 9 has one entry just above eps
+        assert torch.equal(feats[0] <= EPS, torch.from_numpy(np.abs(v).max(0) <= eps32))
