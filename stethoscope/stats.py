@@ -142,8 +142,8 @@ def tensor_stats(
         features: also count dead features (last-dimension entries that are <= eps in every row).
         feature_absmax: when given (with ``features``), the per-feature max |x| vector ``(C,)`` is appended
             to it, so calls of one module can be merged exactly (a feature is dead only if dead in all). On
-            the host road a chunk with no entry within eps of zero gives a lower bound of it instead (its
-            smallest |x|, above eps): only whether a feature's max exceeds eps is ever read.
+            the host road a tensor with a chunk where no entry lies within eps of zero gives +inf for every
+            feature instead (none can be dead): only whether a feature's max exceeds eps is ever read.
         scratch: reusable work buffers (one is made for the call when None).
 
     The element count is ``t.numel()`` (known on the host); pass it to :func:`finalize` with the row.
@@ -193,23 +193,31 @@ def _host_stats(
     flat: torch.Tensor, n: int, step: int, width: int, eps: float, saturation: float, scratch: Scratch,
     feature_absmax: list[torch.Tensor] | None,
 ) -> torch.Tensor:
-    """:func:`tensor_stats` for a CPU tensor ``(n,)``: chunk rows read and merged on the host in float64."""
-    rows: list[list[float]] = []
-    counts: list[int] = []
+    """:func:`tensor_stats` for a CPU tensor ``(n,)``: chunk rows read and merged on the host in float64.
+
+    A chunk with no entry within eps of zero holds every feature alive (chunks are whole rows), so then no
+    feature of the tensor is dead: the count is 0 without a pass, and the per-feature vector handed on is
+    :func:`_all_alive` (+inf, "above eps" for every feature).
+    """
+    if n <= step:  # one chunk (most tensors): no slicing, no merge
+        rows = [_host_row(flat, eps, saturation, width, scratch)]
+        counts = [n]
+    else:
+        rows, counts = [], []
+        for start in range(0, n, step):
+            chunk = flat[start : start + step]
+            rows.append(_host_row(chunk, eps, saturation, width, scratch))
+            counts.append(chunk.numel())
+    merged = rows[0][0] if len(rows) == 1 else merge_host_rows([r for r, _ in rows], counts)
     per_feature = None
-    for start in range(0, n, step):
-        chunk = flat[start : start + step]
-        row, chunk_features = _host_chunk(chunk, eps, saturation, width, scratch)
-        if row is None:  # a non-finite entry: the device road, exact over the finite entries
-            device_row, chunk_features = _chunk_stats(chunk, eps, saturation, width, scratch)
-            row = device_row.tolist()
-        rows.append(row)
-        counts.append(chunk.numel())
-        if chunk_features is not None:
-            per_feature = chunk_features if per_feature is None else torch.maximum(per_feature, chunk_features)
-    merged = rows[0] if len(rows) == 1 else merge_host_rows(rows, counts)
-    if per_feature is not None:
-        merged[_IDX["dead"]] = float(torch.le(per_feature, eps).sum())
+    if width:
+        if any(f is None for _, f in rows):  # a chunk without an entry near zero: every feature is alive
+            merged[_IDX["dead"]] = 0.0
+            per_feature = _all_alive(width)
+        else:
+            for _, chunk_features in rows:
+                per_feature = chunk_features if per_feature is None else torch.maximum(per_feature, chunk_features)
+            merged[_IDX["dead"]] = float(torch.le(per_feature, eps).sum())
         if feature_absmax is not None:
             feature_absmax.append(per_feature)
     else:
@@ -217,10 +225,36 @@ def _host_stats(
     return torch.from_numpy(np.array(merged, dtype=np.float32))  # (RAW_WIDTH,) (cheaper than torch.tensor)
 
 
+def _host_row(chunk: torch.Tensor, eps: float, saturation: float, width: int, scratch: Scratch):
+    """(host row, per-feature max |x| or None) of one chunk: :func:`_host_chunk`, or the device road for a chunk
+    holding a non-finite entry (exact over the finite entries). None for the features: none can be dead."""
+    row, chunk_features = _host_chunk(chunk, eps, saturation, width, scratch)
+    if row is None:
+        device_row, chunk_features = _chunk_stats(chunk, eps, saturation, width, scratch)
+        return device_row.tolist(), chunk_features
+    return row, chunk_features
+
+
+@functools.lru_cache(maxsize=64)
+def _all_alive(width: int) -> torch.Tensor:
+    """``(C,)`` +inf on the CPU: the per-feature vector of a tensor in which no feature can be dead (only
+    whether a feature's max exceeds eps is ever read). Shared: callers never modify it in place."""
+    return torch.full((width,), math.inf, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def _float32(value: float) -> float:
+    """``value`` rounded to float32, as the kernels compare against it."""
+    return float(np.float32(value))
+
+
 def _host_chunk(
     chunk: torch.Tensor, eps: float, saturation: float, width: int, scratch: Scratch
 ) -> tuple[list[float] | None, torch.Tensor | None]:
     """Raw row of a CPU chunk whose entries are all finite, as host floats; ``(None, None)`` otherwise.
+
+    With it the per-feature max |x| ``(C,)``, or None where ``width`` is 0 or no entry lies within eps of zero
+    (then no feature can be dead).
 
     Four to nine passes: the sum (which also proves every entry finite), min/max, the sum of squares (or,
     under a dominant mean, the deviations from it with their sum and sum of squares), |x| (skipped when no
@@ -239,7 +273,7 @@ def _host_chunk(
     lo, hi = (float(v) for v in torch.aminmax(x))
     absmax = max(hi, -lo)
     # the kernels compare in float32: the host decides against the same rounded bounds
-    eps32, saturation32 = float(np.float32(eps)), float(np.float32(saturation))
+    eps32, saturation32 = _float32(eps), _float32(saturation)
     safe = _SAFE_LOW <= absmax <= _SAFE_HIGH or absmax == 0.0
     dev_norm = None
     min_square = saturated = zero = square_features = None
@@ -300,8 +334,8 @@ def _host_chunk(
         per_feature = None
     elif near_zero:
         per_feature = square_features if square_features is not None else _feature_absmax(mag, width)  # (C,)
-    else:  # no feature can be dead: a lower bound of every feature's max |x| above eps decides that alike
-        per_feature = torch.full((width,), smallest, dtype=torch.float32)  # (C,)
+    else:  # no feature can be dead (the chunk holds whole rows, every entry above eps)
+        per_feature = None
     over_hi, over_lo = hi > saturation32, -lo > saturation32  # entries beyond +bound / -bound may exist
     if zero is None:
         zero = 0.0
