@@ -57,15 +57,22 @@ class StatsEngine:
     def new_step(self) -> None:
         self._dedup = {}
 
-    def row(self, t: torch.Tensor, features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(raw row, per-feature max |x| or None) of ``t``, from the step's cache when already computed."""
-        key = tensor_key(t)
+    def row(self, t: torch.Tensor, features: bool, key: tuple | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(raw row, per-feature max |x| or None) of ``t``, from the step's cache when already computed.
+
+        ``key``: ``tensor_key(t)`` when the caller has it already."""
+        key = tensor_key(t) if key is None else key
         cached = self._dedup.get(key)
         # a dead tensor's memory may have been reused; a row cached without features cannot serve one with
         if cached is not None and cached[0]() is not None and (not features or cached[1][1] is not None):
             return cached[1]
         feats: list[torch.Tensor] = []
-        with no_autocast(t.device):
+        kind = t.device.type
+        if kind in ("cuda", "cpu") and _autocast_on(kind):  # statistics in the tensor's own precision
+            with torch.autocast(kind, enabled=False):
+                row = self.compute(t, features, feats)
+        else:  # (no context entered: it costs more than a small tensor's statistics)
             row = self.compute(t, features, feats)
         result = (row, feats[0] if feats else None)
         self._dedup[key] = (weakref.ref(t), result)

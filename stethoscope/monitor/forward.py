@@ -176,40 +176,44 @@ class ForwardObserver:
         if not tensors:
             self.input_flags.setdefault(name, []).append(None)
             return
+        key = None
         if is_linear:  # first: its statistics row also holds the input's exact non-finite count (the flag)
             x = tensors[0]
             features = x.dim() >= 2
-            row, per_feature = self.engine.row(x, features=features)
+            key = tensor_key(x)
+            row, per_feature = self.engine.row(x, features, key)
             self.collector.add(
                 Entry("input", name, "", self.calls.get(name, 0), x.numel(),
                       x.shape[-1] if features else 0), row)
             if per_feature is not None and not self.per_call:
                 self.collector.add_feature_absmax(("input", name, ""), per_feature)
-            self._note_count(x, row)
+            noted = self.sums.get(key)
+            if noted is None or noted[0]() is None:  # (a watched module's output is noted already)
+                self._note_count(x, row, key)
         # One device scalar, no host read: the sum of the inputs' flags, 0 when every entry of every input is
         # finite (the flags are counts >= 0 or NaN); the host reads anything else as "an input was not finite".
         if len(tensors) == 1:
-            flag = self.input_flag(tensors[0])
+            flag = self.input_flag(tensors[0], key)
         else:
             device = tensors[0].device
             flag = torch.cat([self.input_flag(t).to(device) for t in tensors]).sum().reshape(1)
         # a stack per name: a module that calls itself keeps each call's own flag
         self.input_flags.setdefault(name, []).append(flag)
 
-    def _note_count(self, t: torch.Tensor, row: torch.Tensor) -> None:
+    def _note_count(self, t: torch.Tensor, row: torch.Tensor, key: tuple) -> None:
         """Keep ``t``'s exact non-finite count from its row as its flag (no second read when a module takes it
         as input). Only where every finite entry is finite in float32 (not float64, not complex)."""
         if t.element_size() <= 4 and not t.is_complex():
-            self.sums[tensor_key(t)] = (weakref.ref(t), row[:1])
+            self.sums[key] = (weakref.ref(t), row[:1])
 
-    def input_flag(self, t: torch.Tensor) -> torch.Tensor:
+    def input_flag(self, t: torch.Tensor, key: tuple | None = None) -> torch.Tensor:
         """(1,) float32 device scalar: 0 when every entry of ``t`` is finite, a count > 0 or NaN when not.
 
         Once per tensor and step (a hidden state feeds several modules): the non-finite count of the
         statistics row when ``t`` was a watched module's output (:meth:`on_output` leaves it here), else
         :func:`finite_flag`.
         """
-        key = tensor_key(t)
+        key = tensor_key(t) if key is None else key
         hit = self.sums.get(key)
         if hit is not None and hit[0]() is not None:
             return hit[1]
@@ -224,9 +228,10 @@ class ForwardObserver:
         flag = stack.pop() if stack else None
         for path, t in iter_float_tensors(output):
             features = t.dim() >= 2
-            row, per_feature = self.engine.row(t, features)
+            key = tensor_key(t)
+            row, per_feature = self.engine.row(t, features, key)
             entry = Entry("act", name, path, call, t.numel(), t.shape[-1] if features else 0)
-            self._note_count(t, row)  # the flag of a module that takes it as input (no second read)
+            self._note_count(t, row, key)  # the flag of a module that takes it as input (no second read)
             if flag is None:  # no floating input: nothing to blame upstream
                 self.collector.add(entry, row)
             else:  # (RAW_WIDTH + 1,) at the host: the row, then the inputs' flag
