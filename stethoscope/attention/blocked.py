@@ -261,9 +261,9 @@ def blocked_statistics(
             s_last = torch.where(any_allowed, t_s_last, _NEG if s_last is None else s_last)
             if q1 == tq and k1 == k_end and input_ids is not None and input_ids.shape[-1] == tk:
                 # the last query of the first sequence sees the most keys: its first and last allowed key
-                fi = torch.where(first[0, 0, -1] == tk, 0, first[0, 0, -1])
-                li = torch.where(last[0, 0, -1] < 0, tk - 1, last[0, 0, -1])
-                ids = torch.stack([input_ids[0].to(device)[fi], input_ids[0].to(device)[li]]).to(f32)
+                # none allowed: first is tk, last -1; taken modulo tk that is key 0 and key tk - 1
+                ends = torch.stack([first[0, 0, -1], last[0, 0, -1]]).remainder_(tk)  # (2,)
+                ids = input_ids[0].to(device)[ends].to(f32)
         # --- rows of this block, finished
         inv = 1.0 / l
         row_sum = l * inv  # 1 within rounding; NaN for non-finite scores or rows the mask blocks entirely
@@ -306,7 +306,7 @@ def blocked_statistics(
         block_max = torch.where(good, extremes, fill).amax(dim=(1, 3)).T  # (nh, 4)
         maxes = torch.maximum(maxes, block_max)
     # no valid row: the largest logit is unknown, not -inf
-    maxes[:, 3] = torch.where(maxes[:, 3] == _NEG, torch.full((), float("nan"), device=device), maxes[:, 3])
+    maxes[:, 3].masked_fill_(maxes[:, 3] == _NEG, _NAN)
     row = torch.cat([sums, maxes], dim=1)  # (nh, WIDTH)
     return torch.cat([row.reshape(-1), ids])
 
