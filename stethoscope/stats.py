@@ -257,9 +257,10 @@ def _host_chunk(
     (then no feature can be dead).
 
     Four to nine passes: the sum (which also proves every entry finite), min/max, the sum of squares (or,
-    under a dominant mean, the deviations from it with their sum and sum of squares), |x| (skipped when no
-    entry is negative) with its minimum, then only where that minimum is within eps of zero the per-feature
-    max and the zero count, and the saturation count (skipped when |x| never exceeds the bound).
+    under a dominant mean, the deviations from it with their sum and sum of squares) with the squares'
+    minimum, then only where some entry lies within eps of zero the per-feature max and the zero count (on
+    the squares, or on x when the chunk is one-signed; |x| only where neither decides), and the saturation
+    count (on the squares, or skipped when |x| never exceeds the bound).
     """
     m = chunk.numel()
     # Every pass writes into ``work`` when it can, and the last one over |x| in place: a buffer line the
