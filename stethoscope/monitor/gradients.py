@@ -372,9 +372,17 @@ class GradientReader:
         for device, names, chosen, copies, weight_norms in self._snapshot:
             measured = [names[i] for i in chosen]
             current = [by_name[n].detach() for n in measured]
-            # in place in the copies, which are dropped next (torch.dist would allocate a difference per tensor)
-            torch._foreach_sub_(copies, current)  # copies = w_before - w_after = -Δw
-            delta_norms = torch._foreach_norm(copies)
+            # in place in the copies, which are dropped next (torch.dist would allocate a difference per tensor):
+            # copies = w_before - w_after = -Δw. In host memory each difference's norm is read right after it is
+            # formed, while it is in cache (a second sweep over all of them comes back from memory: 7.6 against
+            # 6.4 ms on the reference GPT-2); on an accelerator one fused launch each.
+            if stats.reads_host(device):
+                delta_norms = []
+                for copy, now in zip(copies, current, strict=True):
+                    delta_norms.append(torch.linalg.vector_norm(copy.sub_(now)))
+            else:
+                torch._foreach_sub_(copies, current)
+                delta_norms = torch._foreach_norm(copies)
             row = torch.cat([
                 torch.stack([d.float() for d in delta_norms]),  # (m,) ‖Δw‖ of the measured parameters
                 torch.stack([w.float() for w in weight_norms]),  # (P,) ‖w‖ of every selected parameter
