@@ -399,3 +399,9 @@ def test_dead_features_and_zeros_read_on_the_squares_match_max_abs():
         assert_matches(got, reference(v))
         assert got["dead_features"] == 3  # columns 2, 5 and 7; column 9 has one entry just above eps
         assert torch.equal(feats[0] <= EPS, torch.from_numpy(np.abs(v).max(0) <= eps32))
+
+
+def test_published_row_lists_the_columns_in_order():
+    # Stats.as_dict hands its fields over as declared: they must be STAT_COLUMNS, in order (metrics rows)
+    got = engine(torch.tensor([[1.0, -2.0], [0.0, 4.0]]))
+    assert tuple(got) == STAT_COLUMNS
