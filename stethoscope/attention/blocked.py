@@ -118,6 +118,12 @@ def _positional_tile(causal: bool, implicit_causal: bool, tq: int, tk: int, q0: 
     return blocked, allowed, future, future_blocked, addend, _allowed_counts(allowed, k1 - k0)
 
 
+def release_cached_tiles() -> None:
+    """Drop the shared positional tiles (:func:`_positional_tile`), e.g. when the monitor lets go of the model:
+    on an accelerator they hold device memory (at most 32 tiles of masks)."""
+    _positional_tile.cache_clear()
+
+
 def blocked_statistics(
     call: AttentionCall,
     padding: torch.Tensor | None = None,

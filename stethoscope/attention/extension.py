@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from stethoscope.attention import capture as cap
-from stethoscope.attention.blocked import blocked_statistics, max_logits
+from stethoscope.attention.blocked import blocked_statistics, max_logits, release_cached_tiles
 from stethoscope.attention.checks import (
     COLUMNS,
     TAIL,
@@ -343,6 +343,7 @@ class AttentionExtension(Extension):
         self._keep = []
         self._padding = None
         self._input_ids = None
+        release_cached_tiles()
         for rule in getattr(self, "_rules", []):
             with contextlib.suppress(Exception):
                 rule.detach()

@@ -166,3 +166,31 @@ def test_no_valid_row_gives_nan_max_logit():
     call.mask = torch.full_like(call.mask, torch.finfo(torch.float32).min)  # every key blocked
     heads = summarize(blocked_statistics(call, pad, ids, 4, 4).numpy(), 4)
     assert all(h["rows"] == 0 and math.isnan(h["max_logit"]) for h in heads)
+
+
+def test_positional_tiles_are_shared_across_calls_and_dropped_when_the_monitor_detaches(tmp_path):
+    # SDPA's is_causal with no mask tensor: every layer's tiles follow from positions alone and are computed
+    # once; a second call (another layer) reuses them with the same result, and closing the monitor drops them
+    from stethoscope.attention import blocked as blocked_mod
+
+    g = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 3, 9, 4, generator=g), torch.randn(2, 3, 9, 4, generator=g)
+    call = AttentionCall(name="x", module=None, query=q, key=k, scaling=0.5, causal=True, implicit_causal=True,
+                         implementation="sdpa")
+    blocked_mod.release_cached_tiles()
+    first = blocked_statistics(call, None, None, 4, 4)
+    cached = blocked_mod._positional_tile.cache_info().currsize
+    assert cached > 0
+    assert torch.equal(blocked_statistics(call, None, None, 4, 4), first)
+    assert blocked_mod._positional_tile.cache_info().currsize == cached  # reused, not recomputed
+    assert_same(first, head_statistics(call), 3, call, None)
+
+    import stethoscope as st
+
+    model = gpt2()
+    blocked_mod.release_cached_tiles()
+    with st.Monitor(model, run_dir=tmp_path / "run", schedule=lambda s: True) as mon:
+        with mon.step(0):
+            model(input_ids=torch.randint(0, 50, (2, 8), generator=g))
+        assert blocked_mod._positional_tile.cache_info().currsize > 0  # the capture used them
+    assert blocked_mod._positional_tile.cache_info().currsize == 0
