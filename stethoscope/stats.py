@@ -319,7 +319,7 @@ def _host_chunk(
     elif zero is not None:  # counted on the squares above: some entry is within eps of zero
         smallest = 0.0
     elif min_square is not None and min_square > eps32 * eps32 * _SQUARE_MARGIN:
-        smallest = math.sqrt(min_square)  # above eps, and so is its float32 rounding
+        smallest = math.sqrt(min_square)  # above eps
     elif eps32 == 0.0 and not width:  # only exact zeros count, and nothing else needs |x| (gradients)
         zero = float(torch.eq(x, 0.0, out=work).sum())
         smallest = 0.0 if zero else math.inf
@@ -364,8 +364,7 @@ _SAFE_LOW, _SAFE_HIGH = 2.0**-40, 2.0**51
 _TINY = 2.0**-126  # smallest normal float32: the device road's scale is taken from max(max |x|, this)
 # The host road takes the one-pass spread when mean^2 <= this share of the mean square (see _host_chunk).
 _ONE_PASS_SHARE = 0.5
-# A rounded square above eps^2 times this proves |x| > eps, with room for the square's rounding and for the
-# float32 rounding of its root (the dead-feature bound must stay above eps).
+# A rounded square above eps^2 times this proves |x| > eps, with room for the square's rounding.
 _SQUARE_MARGIN = 1.0 + 2.0**-18
 _SQUARE_ULP = 2.0**-149  # the absolute rounding of a square that fell below float32's normal range
 

@@ -28,12 +28,15 @@ def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
     Outside an autocast region nothing is entered (entering one costs more than a small tensor's statistics).
     """
-    if device.type in ("cuda", "cpu") and _autocast_on(device.type):
+    if _autocast_on(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
 
 def _autocast_on(device_type: str) -> bool:
+    """Whether an autocast region is active for ``device_type`` (only CUDA and CPU have one here)."""
+    if device_type not in ("cuda", "cpu"):
+        return False
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: no device argument
@@ -68,11 +71,12 @@ class StatsEngine:
         if cached is not None and cached[0]() is not None and (not features or cached[1][1] is not None):
             return cached[1]
         feats: list[torch.Tensor] = []
+        # in the tensor's own precision, as no_autocast; without it no context manager is entered at all here
         kind = t.device.type
-        if kind in ("cuda", "cpu") and _autocast_on(kind):  # statistics in the tensor's own precision
+        if _autocast_on(kind):
             with torch.autocast(kind, enabled=False):
                 row = self.compute(t, features, feats)
-        else:  # (no context entered: it costs more than a small tensor's statistics)
+        else:
             row = self.compute(t, features, feats)
         result = (row, feats[0] if feats else None)
         self._dedup[key] = (weakref.ref(t), result)
