@@ -1,0 +1,156 @@
+"""Where a sampled step's time goes: the monitor's own time in each of its parts, per sampled step.
+
+    python benchmarks/sampled_cost.py [--steps 20] [--threads 2] [--dims ref|tiny]
+
+Every hook body, rule and extension of the monitor runs through its error guard
+(:class:`stethoscope.monitor.guard.ErrorGuard`); this script times each outermost guarded call and the rest of
+the flush, on the reference GPT-2 of ``benchmarks/overhead.py`` (6 layers, 384 wide, batch 8x128, AdamW, every
+step sampled), interleaved with an uninstrumented copy whose step time is printed beside it.
+
+Why beside overhead.py: its ratios see the whole step, and on a shared VM they move by about 2 % between runs
+(copies of one model differ by up to 1.5 %, rounds drift) — more than most single changes. The monitor's own
+time, read directly, gives each part to about a millisecond, and its total matches the step-time difference.
+
+``--dims tiny`` keeps the modules, parameters and layers but makes every tensor tiny (width 12, batch 2x8):
+what is left is the fixed cost per module call, tensor and metrics row (Python and kernel launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+
+import torch
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# the guard's ``where`` for these names one rule, extension or flush stage each; the others are cut at " of "
+# (one row for every module's forward hook, not one per module)
+_KEEP_WHOLE = ("rule", "extension", "writing", "checking", "saving")
+
+
+def part(where: str) -> str:
+    return where if where.startswith(_KEEP_WHOLE) else re.sub(r" of .*", "", where)
+
+
+class GuardTimer:
+    """Seconds spent in the outermost guarded calls, per part (nested calls count in their outer one)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._depth = 0
+
+    def install(self):
+        from stethoscope.monitor.guard import ErrorGuard
+
+        original = ErrorGuard.__call__
+        timer = self
+
+        def timed(guard, where, fn, *args):
+            if timer._depth:
+                return original(guard, where, fn, *args)
+            timer._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(guard, where, fn, *args)
+            finally:
+                timer.seconds[part(where)] += time.perf_counter() - start
+                timer._depth -= 1
+
+        ErrorGuard.__call__ = timed
+        return lambda: setattr(ErrorGuard, "__call__", original)
+
+
+def build(dims: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    width, vocab, batch = (384, 8192, (8, 128)) if dims == "ref" else (12, 64, (2, 8))
+    cfg = GPT2Config(n_layer=6, n_embd=width, n_head=6, vocab_size=vocab, n_positions=256, bos_token_id=0,
+                     eos_token_id=0)
+    ids = torch.randint(0, vocab, batch, generator=torch.Generator().manual_seed(0))
+    return GPT2LMHeadModel(cfg), ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dims", choices=["ref", "tiny"], default="ref")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from rich.console import Console
+
+    import stethoscope as st
+    from stethoscope.console import set_console
+
+    set_console(Console(file=io.StringIO()))  # keep the output to the table
+    base, ids = build(args.dims)
+    watched = copy.deepcopy(base)
+    opt_base = torch.optim.AdamW(base.parameters(), lr=3e-4)
+    opt = torch.optim.AdamW(watched.parameters(), lr=3e-4)
+    timer = GuardTimer()
+    restore = timer.install()
+    mon = st.Monitor(watched, optimizer=opt, run_dir=tempfile.mkdtemp(prefix="stethoscope-cost-"),
+                     schedule=lambda s: True)
+
+    def plain_step() -> float:
+        start = time.perf_counter()
+        loss = base(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt_base.step()
+        opt_base.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    def watched_step(i: int) -> float:
+        start = time.perf_counter()
+        with mon.step(i):
+            loss = watched(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        mon.log(loss=loss)
+        guarded = sum(timer.seconds.values())
+        flush_start = time.perf_counter()
+        mon.flush()
+        timer.seconds["flush (outside the guarded parts)"] += (
+            time.perf_counter() - flush_start - (sum(timer.seconds.values()) - guarded))
+        return time.perf_counter() - start
+
+    try:
+        for i in range(args.warmup):
+            plain_step()
+            watched_step(i)
+        timer.seconds.clear()
+        plain, watched_times = [], []
+        for i in range(args.steps):
+            plain.append(plain_step())
+            watched_times.append(watched_step(args.warmup + i))
+        ms = {k: 1e3 * v / args.steps for k, v in timer.seconds.items()}  # before close() adds its own
+        mon.close()
+    finally:
+        restore()
+
+    total = sum(ms.values())
+    b, w = 1e3 * statistics.median(plain), 1e3 * statistics.median(watched_times)
+    print(f"GPT-2 6 layers, {args.dims} dims, {args.threads} threads, {args.steps} sampled steps")
+    print(f"step: uninstrumented {b:.1f} ms, sampled {w:.1f} ms (difference {w - b:.1f} ms, ratio {w / b:.3f})")
+    print(f"the monitor's own time per sampled step: {total:.1f} ms")
+    for name, value in sorted(ms.items(), key=lambda kv: -kv[1]):
+        if value >= 0.05:
+            print(f"  {name:48s} {value:7.2f} ms  {100 * value / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()
