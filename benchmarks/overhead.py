@@ -31,7 +31,8 @@ in one process differ in speed by up to ±1.5 % on a shared VM (memory placement
 copy, so a single process can shift a variant's ratio by that much either way.
 
 ``--model gpt2-124m`` is GPT-2 12x768 (vocab 50257, random init from a config; batch 8 x 1024 on CUDA,
-2 x 256 on CPU unless ``--batch``/``--seq``), ``tiny`` a 2x64 GPT-2 (the dry run of benchmarks/gpu_check.sh).
+2 x 256 on CPU unless ``--batch``/``--seq``), ``tiny`` a 2x64 GPT-2 (the dry run of benchmarks/gpu_check.sh),
+``ref-tiny`` the reference's layers at width 12 (batch 2 x 8).
 On CUDA every timed step ends with ``torch.cuda.synchronize()`` (all variants alike), and the forward runs
 under ``--autocast bf16`` when asked.
 """
@@ -60,6 +61,9 @@ MODELS = {
     "ref": (6, 384, 6, 8192, 256, {"cpu": (8, 128), "cuda": (8, 128)}),
     "gpt2-124m": (12, 768, 12, 50257, 1024, {"cpu": (2, 256), "cuda": (8, 1024)}),
     "tiny": (2, 64, 2, 512, 128, {"cpu": (2, 32), "cuda": (2, 32)}),
+    # the reference's modules and parameters at tiny width: what is left is the fixed cost per module call,
+    # tensor and row (benchmarks/sampled_cost.py)
+    "ref-tiny": (6, 12, 6, 64, 256, {"cpu": (2, 8), "cuda": (2, 8)}),
 }
 ALL_VARIANTS = ["baseline", "a", "a0", "am", "b", "b0", "bc", "d", "t"]
 

@@ -1,6 +1,6 @@
 """Where a sampled step's time goes: the monitor's own time in each of its parts, per sampled step.
 
-    python benchmarks/sampled_cost.py [--steps 20] [--threads 2] [--dims ref|tiny]
+    python benchmarks/sampled_cost.py [--steps 20] [--threads 2] [--model ref|ref-tiny]
 
 Every hook body, rule and extension of the monitor runs through its error guard
 (:class:`stethoscope.monitor.guard.ErrorGuard`); this script times each outermost guarded call and the rest of
@@ -11,7 +11,7 @@ Why beside overhead.py: its ratios see the whole step, and on a shared VM they m
 (copies of one model differ by up to 1.5 %, rounds drift) — more than most single changes. The monitor's own
 time, read directly, gives each part to about a millisecond, and its total matches the step-time difference.
 
-``--dims tiny`` keeps the modules, parameters and layers but makes every tensor tiny (width 12, batch 2x8):
+``--model ref-tiny`` keeps the modules, parameters and layers but makes every tensor tiny (width 12, batch 2x8):
 what is left is the fixed cost per module call, tensor and metrics row (Python and kernel launches).
 """
 
@@ -29,6 +29,7 @@ import warnings
 from collections import defaultdict
 
 import torch
+from overhead import MODELS, build  # the same workloads (this folder is on the path when run as a script)
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -70,23 +71,12 @@ class GuardTimer:
         return lambda: setattr(ErrorGuard, "__call__", original)
 
 
-def build(dims: str):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    width, vocab, batch = (384, 8192, (8, 128)) if dims == "ref" else (12, 64, (2, 8))
-    cfg = GPT2Config(n_layer=6, n_embd=width, n_head=6, vocab_size=vocab, n_positions=256, bos_token_id=0,
-                     eos_token_id=0)
-    ids = torch.randint(0, vocab, batch, generator=torch.Generator().manual_seed(0))
-    return GPT2LMHeadModel(cfg), ids
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--dims", choices=["ref", "tiny"], default="ref")
+    parser.add_argument("--model", choices=["ref", "ref-tiny"], default="ref")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -96,7 +86,9 @@ def main() -> None:
     from stethoscope.console import set_console
 
     set_console(Console(file=io.StringIO()))  # keep the output to the table
-    base, ids = build(args.dims)
+    base = build(model=args.model)
+    vocab, shape = MODELS[args.model][3], MODELS[args.model][5]["cpu"]
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(0))
     watched = copy.deepcopy(base)
     opt_base = torch.optim.AdamW(base.parameters(), lr=3e-4)
     opt = torch.optim.AdamW(watched.parameters(), lr=3e-4)
@@ -144,7 +136,9 @@ def main() -> None:
 
     total = sum(ms.values())
     b, w = 1e3 * statistics.median(plain), 1e3 * statistics.median(watched_times)
-    print(f"GPT-2 6 layers, {args.dims} dims, {args.threads} threads, {args.steps} sampled steps")
+    n_layer, n_embd = MODELS[args.model][:2]
+    print(f"GPT-2 {n_layer}x{n_embd} ({args.model}), batch {shape[0]}x{shape[1]}, {args.threads} threads, "
+          f"{args.steps} sampled steps")
     print(f"step: uninstrumented {b:.1f} ms, sampled {w:.1f} ms (difference {w - b:.1f} ms, ratio {w / b:.3f})")
     print(f"the monitor's own time per sampled step: {total:.1f} ms")
     for name, value in sorted(ms.items(), key=lambda kv: -kv[1]):
