@@ -9,7 +9,8 @@ step sampled), interleaved with an uninstrumented copy whose step time is printe
 
 Why beside overhead.py: its ratios see the whole step, and on a shared VM they move by about 2 % between runs
 (copies of one model differ by up to 1.5 %, rounds drift) — more than most single changes. The monitor's own
-time, read directly, gives each part to about a millisecond, and its total matches the step-time difference.
+time, read directly, gives each part to about a millisecond; its total comes within a few ms of the step-time
+difference (the rest is the hooks' own dispatch, outside the guard).
 
 ``--model ref-tiny`` keeps the modules, parameters and layers but makes every tensor tiny (width 12, batch 2x8):
 what is left is the fixed cost per module call, tensor and metrics row (Python and kernel launches).
