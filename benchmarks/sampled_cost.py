@@ -35,12 +35,13 @@ from overhead import MODELS, build  # the same workloads (this folder is on the 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# the guard's ``where`` for these names one rule, extension or flush stage each; the others are cut at " of "
-# (one row for every module's forward hook, not one per module)
+# a guarded place whose ``where`` starts with one of these is a row of its own (one rule, extension or flush
+# stage); the others are cut at " of " (one row for the forward hooks of all modules, not one per module)
 _KEEP_WHOLE = ("rule", "extension", "writing", "checking", "saving")
 
 
 def part(where: str) -> str:
+    """The table row a guarded call's ``where`` counts in."""
     return where if where.startswith(_KEEP_WHOLE) else re.sub(r" of .*", "", where)
 
 
@@ -95,8 +96,12 @@ def main() -> None:
     opt = torch.optim.AdamW(watched.parameters(), lr=3e-4)
     timer = GuardTimer()
     restore = timer.install()
-    mon = st.Monitor(watched, optimizer=opt, run_dir=tempfile.mkdtemp(prefix="stethoscope-cost-"),
-                     schedule=lambda s: True)
+    try:
+        mon = st.Monitor(watched, optimizer=opt, run_dir=tempfile.mkdtemp(prefix="stethoscope-cost-"),
+                         schedule=lambda s: True)
+    except BaseException:
+        restore()
+        raise
 
     def plain_step() -> float:
         start = time.perf_counter()
