@@ -1,6 +1,6 @@
 """Where a sampled step's time goes: the monitor's own time in each of its parts, per sampled step.
 
-    python benchmarks/sampled_cost.py [--steps 20] [--threads 2] [--model ref|ref-tiny]
+    python benchmarks/sampled_cost.py [--steps 20] [--threads 2] [--model ref|ref-tiny] [--config JSON]
 
 Every hook body, rule and extension of the monitor runs through its error guard
 (:class:`stethoscope.monitor.guard.ErrorGuard`); this script times each outermost guarded call and the rest of
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import os
 import re
 import statistics
@@ -79,7 +80,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", choices=["ref", "ref-tiny"], default="ref")
+    parser.add_argument("--config", default="", help='monitor config as JSON, e.g. \'{"attention": {"capture": "off"}}\'')
     args = parser.parse_args()
+    config = json.loads(args.config) if args.config else None
     torch.set_num_threads(args.threads)
 
     from rich.console import Console
@@ -98,7 +101,7 @@ def main() -> None:
     restore = timer.install()
     try:
         mon = st.Monitor(watched, optimizer=opt, run_dir=tempfile.mkdtemp(prefix="stethoscope-cost-"),
-                         schedule=lambda s: True)
+                         schedule=lambda s: True, config=config)
     except BaseException:
         restore()
         raise
@@ -144,7 +147,7 @@ def main() -> None:
     b, w = 1e3 * statistics.median(plain), 1e3 * statistics.median(watched_times)
     n_layer, n_embd = MODELS[args.model][:2]
     print(f"GPT-2 {n_layer}x{n_embd} ({args.model}), batch {shape[0]}x{shape[1]}, {args.threads} threads, "
-          f"{args.steps} sampled steps")
+          f"{args.steps} sampled steps" + (f", config {args.config}" if args.config else ""))
     print(f"step: uninstrumented {b:.1f} ms, sampled {w:.1f} ms (difference {w - b:.1f} ms, ratio {w / b:.3f})")
     print(f"the monitor's own time per sampled step: {total:.1f} ms")
     for name, value in sorted(ms.items(), key=lambda kv: -kv[1]):
