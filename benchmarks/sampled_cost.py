@@ -97,14 +97,10 @@ def main() -> None:
     watched = copy.deepcopy(base)
     opt_base = torch.optim.AdamW(base.parameters(), lr=3e-4)
     opt = torch.optim.AdamW(watched.parameters(), lr=3e-4)
+    mon = st.Monitor(watched, optimizer=opt, run_dir=tempfile.mkdtemp(prefix="stethoscope-cost-"),
+                     schedule=lambda s: True, config=config)
     timer = GuardTimer()
-    restore = timer.install()
-    try:
-        mon = st.Monitor(watched, optimizer=opt, run_dir=tempfile.mkdtemp(prefix="stethoscope-cost-"),
-                         schedule=lambda s: True, config=config)
-    except BaseException:
-        restore()
-        raise
+    restore = timer.install()  # after the monitor is built: nothing to put back if building it fails
 
     def plain_step() -> float:
         start = time.perf_counter()
